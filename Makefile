@@ -1,0 +1,46 @@
+# smtp-service: `make run` starts the service, `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+NEWMAN := node_modules/.bin/newman
+
+.PHONY: run test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PIP) install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(DEV_STAMP): requirements.txt requirements-dev.txt | $(PY)
+	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@ $(STAMP)
+
+$(NEWMAN): package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+# .env is made once from .env.example, with a random JWT secret for this machine.
+.env:
+	sed "s/^JWT_SECRET_KEY=.*/JWT_SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" .env.example > .env
+	chmod 600 .env
+
+run: $(STAMP) .env
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(DEV_STAMP) $(NEWMAN)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+bench: $(DEV_STAMP)
+	$(PY) bench/settings_api.py
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

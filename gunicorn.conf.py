@@ -1,0 +1,51 @@
+"""gunicorn settings for smtp-service (`gunicorn -c gunicorn.conf.py wsgi:app`)."""
+
+import os
+import subprocess
+import sys
+import time
+
+from dotenv import load_dotenv
+
+load_dotenv()
+
+bind = os.environ.get("BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+timeout = 60
+graceful_timeout = 15
+accesslog = "-"
+# The access log must never hold a token: log the request line without the query string.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss'
+
+_catcher = None
+
+
+def on_starting(server):
+    """With no SMTP_HOST, start the development mail catcher and point the global server at it."""
+    global _catcher
+    if os.environ.get("SMTP_HOST"):
+        return
+    port = os.environ.get("DEV_SMTP_PORT", "1025")
+    _catcher = subprocess.Popen(
+        [sys.executable, "-m", "smtp_service.devmail", "--port", port],
+    )
+    time.sleep(0.5)
+    os.environ.update(
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT=port,
+        SMTP_SECURE="false",
+        SMTP_REQUIRE_TLS="false",
+        SMTP_USER="",
+        SMTP_PASS="",
+    )
+    os.environ.setdefault("SMTP_FROM", "dev@localhost")
+    server.log.info("SMTP_HOST not set: development mail catcher on 127.0.0.1:%s", port)
+
+
+def on_exit(server):
+    """Stop the development mail catcher with the arbiter."""
+    if _catcher is not None:
+        _catcher.terminate()
+        _catcher.wait(timeout=10)

@@ -1,0 +1,127 @@
+"""smtp-service: per-account SMTP sending with a global fallback, as a Flask app factory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from smtp_service.config import ConfigError, load_config
+from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
+from smtp_service.services.netguard import HostGuard
+from smtp_service.services.settings import SettingsService
+from smtp_service.services.transport import Secret, SmtpEndpoint
+from smtp_service.storage.files import AccountFiles
+
+__all__ = ["ConfigError", "create_app"]
+
+
+class Services:
+    """The service objects of one app, built once from its config."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.data_dir: str = config["DATA_DIR"]
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        keys = list(config["SMTP_ENCRYPTION_KEYS"]) or [load_or_create_key_file(self.data_dir)]
+        try:
+            self.box = SecretBox(keys)
+        except KeyConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        self.guard = HostGuard(tuple(config["SMTP_HOST_ALLOWLIST"]))
+        self.files = AccountFiles(self.data_dir)
+        self.global_endpoint = global_endpoint(config)
+        self.settings = SettingsService(
+            self.files, self.box, self.guard, self.global_endpoint, config["SMTP_TIMEOUT"]
+        )
+
+    def data_dir_writable(self) -> bool:
+        """True when a file can be created in the data folder."""
+        try:
+            with tempfile.TemporaryFile(dir=self.data_dir):
+                return True
+        except OSError:
+            return False
+
+
+def global_endpoint(config: Mapping[str, Any]) -> SmtpEndpoint | None:
+    """The fallback server from the environment, trusted (no SSRF check), or None."""
+    if not config["SMTP_HOST"]:
+        return None
+    return SmtpEndpoint(
+        host=config["SMTP_HOST"],
+        port=config["SMTP_PORT"],
+        secure=config["SMTP_SECURE"],
+        user=config["SMTP_USER"],
+        password=Secret(config["SMTP_PASS"]) if config["SMTP_PASS"] else None,
+        require_tls=config["SMTP_REQUIRE_TLS"],
+        trusted=True,
+    )
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: config, extensions, error handlers, blueprints, CLI.
+
+    Without test_config the environment (and .env) is read; with it, those values are laid
+    over the settings taken from an environment of {"JWT_SECRET_KEY": ...} only.
+    """
+    app = Flask(__name__)
+    if test_config is None:
+        from dotenv import load_dotenv
+
+        load_dotenv()
+        app.config.update(load_config())
+    else:
+        env = {k: str(v) for k, v in test_config.items() if k.isupper() and isinstance(v, str)}
+        app.config.update(load_config(env))
+        app.config.update(test_config)
+    configure_logging(app)
+    register_extensions(app)
+    register_error_handlers(app)
+    register_blueprints(app)
+    register_commands(app)
+    return app
+
+
+def configure_logging(app: Flask) -> None:
+    """Log to stderr (gunicorn collects it) at INFO unless configured otherwise."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=app.config.get("LOG_LEVEL", "INFO"),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+
+
+def register_extensions(app: Flask) -> None:
+    """Bind flask-jwt-extended and build the service container."""
+    from smtp_service.auth import init_auth
+    from smtp_service.extensions import jwt
+
+    jwt.init_app(app)
+    init_auth()
+    app.extensions["smtp_service"] = Services(app.config)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """One JSON error path for the whole app."""
+    from smtp_service.errors import register_error_handlers as install
+
+    install(app)
+
+
+def register_blueprints(app: Flask) -> None:
+    """Mount the HTTP routes."""
+    from smtp_service.api import health, openapi, settings
+
+    for module in (health, openapi, settings):
+        app.register_blueprint(module.bp)
+
+
+def register_commands(app: Flask) -> None:
+    """`flask --app wsgi smtp ...` maintenance commands."""
+    from smtp_service.cli import smtp
+
+    app.cli.add_command(smtp)

@@ -1,0 +1,19 @@
+"""/healthz: liveness and a writable data folder; no auth."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from smtp_service.api import documented, services
+from smtp_service.schemas import HealthResponse
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+@documented("Service health", responses={200: HealthResponse, 503: HealthResponse}, auth=False)
+def healthz():
+    """200 when the data folder is writable, else 503."""
+    if services().data_dir_writable():
+        return jsonify({"status": "ok"})
+    return jsonify({"status": "error", "error": "data folder is not writable"}), 503

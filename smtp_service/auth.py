@@ -1,0 +1,73 @@
+"""Who is calling: the account and user named by a verified JWT; every failure is a JSON 401."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import current_app, jsonify
+from flask_jwt_extended import get_jwt, verify_jwt_in_request
+
+from smtp_service.extensions import jwt
+from smtp_service.storage.files import ACCOUNT_ID_PATTERN
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The account a request acts for, and the user (`sub`) who made it."""
+
+    account_id: str
+    user_id: str
+
+
+def current_caller() -> Caller:
+    """Verify the bearer token of the current request; raise on any failure (answered as 401)."""
+    verify_jwt_in_request()
+    claims = get_jwt()
+    return Caller(claims[current_app.config["JWT_ACCOUNT_CLAIM"]], claims["sub"])
+
+
+def _unauthorized(reason: str):
+    return jsonify({"error": reason}), 401
+
+
+def init_auth() -> None:
+    """Install flask-jwt-extended callbacks: exp required, a valid account claim, 401 for all."""
+
+    @jwt.token_verification_loader
+    def _verify(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
+        # PyJWT accepts a token without exp; we do not.
+        if not isinstance(payload.get("exp"), (int, float)) or isinstance(payload["exp"], bool):
+            return False
+        if not isinstance(payload.get("sub"), str) or not payload["sub"]:
+            return False
+        account = payload.get(current_app.config["JWT_ACCOUNT_CLAIM"])
+        return isinstance(account, str) and ACCOUNT_ID_PATTERN.fullmatch(account) is not None
+
+    @jwt.token_verification_failed_loader
+    def _failed(_header: dict[str, Any], _payload: dict[str, Any]):
+        return _unauthorized("Token is missing exp, sub or a valid account id")
+
+    @jwt.unauthorized_loader
+    def _missing(_reason: str):
+        return _unauthorized("Missing or malformed Authorization header")
+
+    @jwt.invalid_token_loader
+    def _invalid(_reason: str):
+        return _unauthorized("Invalid token")
+
+    @jwt.expired_token_loader
+    def _expired(_header: dict[str, Any], _payload: dict[str, Any]):
+        return _unauthorized("Token has expired")
+
+    @jwt.revoked_token_loader
+    def _revoked(_header: dict[str, Any], _payload: dict[str, Any]):
+        return _unauthorized("Token has been revoked")
+
+    @jwt.needs_fresh_token_loader
+    def _not_fresh(_header: dict[str, Any], _payload: dict[str, Any]):
+        return _unauthorized("Fresh token required")
+
+    @jwt.user_lookup_error_loader
+    def _lookup(_header: dict[str, Any], _payload: dict[str, Any]):
+        return _unauthorized("Unknown user")

@@ -1,0 +1,66 @@
+"""`flask --app wsgi smtp ...`: development tokens and at-rest encryption maintenance."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+from flask_jwt_extended import create_access_token
+
+from smtp_service.services.crypto import new_key
+
+
+@click.group()
+def smtp() -> None:
+    """smtp-service maintenance commands."""
+
+
+@smtp.command("token")
+@click.option("--account", required=True, help="Account id (the JWT_ACCOUNT_CLAIM claim).")
+@click.option("--user", default="dev-user", show_default=True, help="User id (the sub claim).")
+@click.option("--hours", default=12, show_default=True, type=click.IntRange(1, 24 * 30))
+@with_appcontext
+def token(account: str, user: str, hours: int) -> None:
+    """Print a development token (HS256 deployments only)."""
+    if current_app.config["JWT_ALGORITHM"] != "HS256":
+        raise click.ClickException("tokens are issued by your auth service under RS256/ES256")
+    claims = {current_app.config["JWT_ACCOUNT_CLAIM"]: account}
+    click.echo(
+        create_access_token(
+            identity=user, additional_claims=claims, expires_delta=timedelta(hours=hours)
+        )
+    )
+
+
+@smtp.command("encrypt-existing")
+@with_appcontext
+def encrypt_existing() -> None:
+    """Encrypt plaintext passwords left by the old system (idempotent)."""
+    counts = current_app.extensions["smtp_service"].settings.reencrypt_all(only_plaintext=True)
+    click.echo(_summary(counts))
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+@smtp.command("rotate-key")
+@with_appcontext
+def rotate_key() -> None:
+    """Re-encrypt every password with the first key of SMTP_ENCRYPTION_KEYS (idempotent)."""
+    counts = current_app.extensions["smtp_service"].settings.reencrypt_all(only_plaintext=False)
+    click.echo(_summary(counts))
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+@smtp.command("new-key")
+def generate_key() -> None:
+    """Print a fresh key for SMTP_ENCRYPTION_KEYS."""
+    click.echo(new_key())
+
+
+def _summary(counts: dict[str, int]) -> str:
+    return (
+        f"updated {counts['updated']}, unchanged {counts['unchanged']}, failed {counts['failed']}"
+    )

@@ -1,0 +1,133 @@
+"""Settings from the environment (and .env), validated once at start-up."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_ALGORITHMS_WITH_PUBLIC_KEY = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
+
+
+class ConfigError(Exception):
+    """Raised when the configuration cannot start the service; the text is one line."""
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
+
+
+def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
+    entries = []
+    for item in _list(env, "SMTP_HOST_ALLOWLIST"):
+        if "/" in item:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(f"SMTP_HOST_ALLOWLIST has an invalid CIDR {item!r}") from None
+        entries.append(item.lower())
+    return tuple(entries)
+
+
+def _public_key(env: Mapping[str, str]) -> str | None:
+    """JWT_PUBLIC_KEY may hold the PEM itself (with \\n escapes) or a path to a PEM file."""
+    raw = env.get("JWT_PUBLIC_KEY", "").strip()
+    if not raw:
+        return None
+    if "BEGIN" in raw:
+        return raw.replace("\\n", "\n")
+    try:
+        with open(raw, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"JWT_PUBLIC_KEY file {raw!r} cannot be read: {exc.strerror}") from None
+
+
+def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
+    env = os.environ if env is None else env
+    algorithm = env.get("JWT_ALGORITHM", "").strip().upper()
+    public_key = _public_key(env)
+    secret = env.get("JWT_SECRET_KEY", "")
+    if public_key:
+        algorithm = algorithm or "RS256"
+        if algorithm not in _ALGORITHMS_WITH_PUBLIC_KEY:
+            raise ConfigError(f"JWT_ALGORITHM {algorithm} cannot be used with JWT_PUBLIC_KEY")
+    else:
+        algorithm = algorithm or "HS256"
+        if algorithm != "HS256":
+            raise ConfigError(f"JWT_ALGORITHM {algorithm} needs JWT_PUBLIC_KEY (or use HS256)")
+        if not secret:
+            raise ConfigError("JWT_SECRET_KEY is not set (or set JWT_PUBLIC_KEY for RS256/ES256)")
+        if len(secret) < 32:
+            raise ConfigError("JWT_SECRET_KEY must be at least 32 characters")
+
+    account_claim = env.get("JWT_ACCOUNT_CLAIM", "accountId").strip() or "accountId"
+    smtp_host = env.get("SMTP_HOST", "").strip() or None
+    smtp_port = _int(env, "SMTP_PORT", 587, 1, 65535)
+    smtp_secure = _bool(env, "SMTP_SECURE", smtp_port == 465)
+    max_request = _int(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024, 1024**3)
+
+    return {
+        "DATA_DIR": os.path.abspath(env.get("DATA_DIR", "").strip() or "data"),
+        "JWT_SECRET_KEY": secret or None,
+        "JWT_PUBLIC_KEY": public_key,
+        "JWT_ALGORITHM": algorithm,
+        "JWT_DECODE_ALGORITHMS": [algorithm],
+        "JWT_ACCOUNT_CLAIM": account_claim,
+        "JWT_DECODE_ISSUER": env.get("JWT_ISSUER", "").strip() or None,
+        "JWT_DECODE_AUDIENCE": env.get("JWT_AUDIENCE", "").strip() or None,
+        "JWT_TOKEN_LOCATION": ["headers"],
+        "SMTP_HOST": smtp_host,
+        "SMTP_PORT": smtp_port,
+        "SMTP_SECURE": smtp_secure,
+        "SMTP_USER": env.get("SMTP_USER", "").strip() or None,
+        "SMTP_PASS": env.get("SMTP_PASS", "") or None,
+        "SMTP_FROM": env.get("SMTP_FROM", "").strip() or None,
+        "SMTP_REQUIRE_TLS": _bool(env, "SMTP_REQUIRE_TLS", True),
+        "SMTP_TIMEOUT": _float(env, "SMTP_TIMEOUT", 10.0, 0.1, 300.0),
+        "SMTP_HOST_ALLOWLIST": _allowlist(env),
+        "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
+        "MAX_CONTENT_LENGTH": max_request,
+    }

@@ -1,0 +1,128 @@
+"""Per-account JSON files: strict account ids, atomic writes, one lock file per document."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from filelock import FileLock
+
+ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+LOCK_TIMEOUT_SECONDS = 10.0
+DELETE = object()  # returned by an update's change function to remove the document
+
+
+class InvalidAccountId(ValueError):
+    """The account id does not match the strict pattern and must not reach a path."""
+
+
+def check_account_id(account_id: str) -> str:
+    """Return the id if it is safe to use as a folder name, else raise InvalidAccountId."""
+    if not isinstance(account_id, str) or not ACCOUNT_ID_PATTERN.fullmatch(account_id):
+        raise InvalidAccountId("invalid account id")
+    return account_id
+
+
+class AccountFiles:
+    """JSON documents stored at DATA_DIR/shared-data/{accountId}/{name}."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.root = os.path.join(data_dir, "shared-data")
+
+    def folder(self, account_id: str) -> str:
+        """The account's folder (not created)."""
+        return os.path.join(self.root, check_account_id(account_id))
+
+    def path(self, account_id: str, name: str) -> str:
+        """The path of one document of the account."""
+        return os.path.join(self.folder(account_id), name)
+
+    def read(self, account_id: str, name: str) -> Any | None:
+        """The parsed document, or None when it does not exist. Raises ValueError if unparseable."""
+        try:
+            with open(self.path(account_id, name), encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+
+    def write(self, account_id: str, name: str, document: Any) -> None:
+        """Replace the document atomically, under the document's lock."""
+        self.update(account_id, name, lambda _old: document)
+
+    def update(self, account_id: str, name: str, change: Callable[[Any | None], Any | None]) -> Any:
+        """Read, change and write the document under its lock; returning DELETE removes it.
+
+        `change` gets None for a missing or unparseable document; returning its argument unchanged
+        writes nothing.
+
+        Returns what `change` returned. Writers in other processes wait for the lock.
+        """
+        folder = self.folder(account_id)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        target = os.path.join(folder, name)
+        with FileLock(target + ".lock", timeout=LOCK_TIMEOUT_SECONDS, mode=0o600):
+            try:
+                with open(target, encoding="utf-8") as handle:
+                    current = json.load(handle)
+            except FileNotFoundError:
+                current = None
+            except ValueError:
+                current = None  # a corrupt document is replaced, never patched
+            result = change(current)
+            if result is DELETE:
+                if os.path.exists(target):
+                    os.unlink(target)
+                    _fsync_dir(folder)
+            elif result is not current:  # returning the document itself means: leave it as it is
+                _atomic_write(folder, target, result)
+            return result
+
+    def delete(self, account_id: str, name: str) -> bool:
+        """Remove the document; True when there was one."""
+        existed = False
+
+        def _remove(_current: Any | None) -> object:
+            nonlocal existed
+            existed = os.path.exists(self.path(account_id, name))
+            return DELETE
+
+        self.update(account_id, name, _remove)
+        return existed
+
+    def accounts(self) -> list[str]:
+        """Every account id that has a folder."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if ACCOUNT_ID_PATTERN.fullmatch(n))
+
+
+def _atomic_write(folder: str, target: str, document: Any) -> None:
+    data = json.dumps(document, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
