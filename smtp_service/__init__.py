@@ -65,8 +65,8 @@ def global_endpoint(config: Mapping[str, Any]) -> SmtpEndpoint | None:
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: config, extensions, error handlers, blueprints, CLI.
 
-    Without test_config the environment (and .env) is read; with it, those values are laid
-    over the settings taken from an environment of {"JWT_SECRET_KEY": ...} only.
+    Without test_config the environment (and .env) is read; with it, its string values are
+    read as the environment would be (and nothing else is), its other values are set as given.
     """
     app = Flask(__name__)
     if test_config is None:
@@ -75,9 +75,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         load_dotenv()
         app.config.update(load_config())
     else:
-        env = {k: str(v) for k, v in test_config.items() if k.isupper() and isinstance(v, str)}
-        app.config.update(load_config(env))
-        app.config.update(test_config)
+        env = {k: v for k, v in test_config.items() if isinstance(v, str)}
+        loaded = load_config(env)
+        app.config.update(loaded)
+        # String values went through load_config like environment variables; the rest
+        # (TESTING, ready-made values) are laid over as they are.
+        app.config.update({k: v for k, v in test_config.items() if not isinstance(v, str)})
     configure_logging(app)
     register_extensions(app)
     register_error_handlers(app)

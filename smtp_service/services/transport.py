@@ -74,6 +74,7 @@ class _PinnedSMTP(smtplib.SMTP):
         super().__init__(**kwargs)
 
     def _get_socket(self, host, port, timeout):  # noqa: ANN001, ANN202 - smtplib's signature
+        self._host = host  # connect() does not set it; starttls() needs it for SNI and the check
         return socket.create_connection((self._pinned_ip, port), timeout, self.source_address)
 
 
@@ -85,6 +86,7 @@ class _PinnedSMTPSSL(smtplib.SMTP_SSL):
         super().__init__(**kwargs)
 
     def _get_socket(self, host, port, timeout):  # noqa: ANN001, ANN202 - smtplib's signature
+        self._host = host
         sock = socket.create_connection((self._pinned_ip, port), timeout, self.source_address)
         return self.context.wrap_socket(sock, server_hostname=self._host)
 

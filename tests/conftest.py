@@ -1,0 +1,166 @@
+"""Shared fixtures: real aiosmtpd servers with TLS and AUTH, the app on a temporary data folder,
+and a helper that makes tokens (valid and hostile)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jwt as pyjwt
+import pytest
+import trustme
+
+from smtp_service import create_app
+from smtp_service.services.crypto import new_key
+from tests.smtpd import SmtpServer
+
+JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+SMTP_USER = "mailer@example.com"
+SMTP_PASSWORD = "s3cret-Pa55word!"
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A private CA; the process trusts it through SSL_CERT_FILE, as a deployment would."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trust_test_ca(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = str(tmp_path_factory.mktemp("ca") / "ca.pem")
+    ca.cert_pem.write_to_path(path)
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("SSL_CERT_FILE", None)
+    else:
+        os.environ["SSL_CERT_FILE"] = old
+
+
+@pytest.fixture(scope="session")
+def server_tls(ca: trustme.CA):
+    """The server-side TLS context of a certificate for localhost and 127.0.0.1."""
+    import ssl
+
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+def smtp_factory(server_tls) -> Iterator[Any]:
+    """Start SMTP servers on demand; all are stopped at the end of the test."""
+    started: list[SmtpServer] = []
+
+    def _start(
+        mode: str = "starttls", users: dict[str, str] | None = None, **kwargs: Any
+    ) -> SmtpServer:
+        users = {SMTP_USER: SMTP_PASSWORD} if users is None else users
+        server = SmtpServer(mode=mode, users=users, server_context=server_tls, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield _start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_server(smtp_factory) -> SmtpServer:
+    """A STARTTLS-required, AUTH-required server (the common real-world setup)."""
+    return smtp_factory("starttls")
+
+
+@pytest.fixture
+def global_server(smtp_factory) -> SmtpServer:
+    """The global fallback server: STARTTLS and AUTH with its own user."""
+    return smtp_factory("starttls", users={"global@example.com": "global-pass-XYZ"})
+
+
+@pytest.fixture
+def app_config(tmp_path, global_server) -> dict[str, Any]:
+    return {
+        "TESTING": True,
+        "DATA_DIR": str(tmp_path / "data"),
+        "JWT_SECRET_KEY": JWT_SECRET,
+        "SMTP_ENCRYPTION_KEYS": new_key(),
+        "SMTP_HOST_ALLOWLIST": "127.0.0.1/32,localhost",
+        "SMTP_HOST": "localhost",
+        "SMTP_PORT": str(global_server.port),
+        "SMTP_USER": "global@example.com",
+        "SMTP_PASS": "global-pass-XYZ",
+        "SMTP_FROM": "noreply@example.com",
+        "SMTP_TIMEOUT": "3",
+    }
+
+
+@pytest.fixture
+def app(app_config):
+    return create_app(app_config)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+class Tokens:
+    """Makes bearer tokens for an account, and hostile ones."""
+
+    def __init__(self, secret: str = JWT_SECRET) -> None:
+        self.secret = secret
+
+    def make(
+        self,
+        account: str | None = "acct-a",
+        user: str = "user-1",
+        *,
+        exp: Any = "default",
+        algorithm: str = "HS256",
+        key: Any = None,
+        **claims: Any,
+    ) -> str:
+        payload: dict[str, Any] = {
+            "sub": user,
+            "type": "access",
+            "iat": int(time.time()),
+            "jti": os.urandom(8).hex(),
+            **claims,
+        }
+        if account is not None:
+            payload["accountId"] = account
+        if exp == "default":
+            payload["exp"] = int(time.time()) + 600
+        elif exp is not None:
+            payload["exp"] = exp
+        return pyjwt.encode(payload, key if key is not None else self.secret, algorithm=algorithm)
+
+    def headers(self, account: str | None = "acct-a", **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.make(account, **kwargs)}"}
+
+
+@pytest.fixture
+def tokens() -> Tokens:
+    return Tokens()
+
+
+def settings_body(server: SmtpServer, **overrides: Any) -> dict[str, Any]:
+    """A settings body that points at a test server and logs in as its user."""
+    body = {
+        "host": "localhost",
+        "port": server.port,
+        "secure": server.mode == "implicit",
+        "user": SMTP_USER,
+        "pass": SMTP_PASSWORD,
+    }
+    body.update(overrides)
+    return body

@@ -1,0 +1,126 @@
+"""Real SMTP servers for tests: aiosmtpd on loopback with STARTTLS, implicit TLS and AUTH."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+
+@dataclass
+class Received:
+    """One message as the server got it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    auth_login: str | None
+    tls: bool
+
+    @property
+    def message(self) -> Message:
+        """The parsed message."""
+        return message_from_bytes(self.data)
+
+
+@dataclass
+class RecordingHandler:
+    """Accepts every message and keeps it; subclasses misbehave on purpose."""
+
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        login = session.login_data.decode() if isinstance(session.login_data, bytes) else None
+        with self.lock:
+            self.messages.append(
+                Received(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    envelope.original_content or envelope.content,
+                    login,
+                    session.ssl is not None,
+                )
+            )
+        return "250 OK"
+
+
+class SmtpServer:
+    """An aiosmtpd server in a thread. mode: "starttls", "implicit" or "plain"."""
+
+    def __init__(
+        self,
+        *,
+        mode: str = "starttls",
+        users: dict[str, str] | None = None,
+        server_context: ssl.SSLContext | None = None,
+        handler: RecordingHandler | None = None,
+        port: int = 0,
+    ) -> None:
+        self.mode = mode
+        self.users = users or {}
+        self.handler = handler or RecordingHandler()
+        self.auth_attempts: list[tuple[str, bool]] = []
+        kwargs: dict[str, Any] = {}
+        if self.users:
+            kwargs.update(
+                authenticator=self._authenticate,
+                auth_required=True,
+                auth_require_tls=(mode != "plain"),
+            )
+        else:
+            kwargs.update(auth_require_tls=False)
+        if mode == "starttls":
+            kwargs.update(tls_context=server_context, require_starttls=True)
+        elif mode == "implicit":
+            kwargs.update(ssl_context=server_context)
+        self.controller = Controller(
+            self.handler,
+            hostname="127.0.0.1",
+            port=port or _free_port(),
+            server_hostname="localhost",
+            **kwargs,
+        )
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode()
+        ok = self.users.get(login) == auth_data.password.decode()
+        self.auth_attempts.append((login, ok))
+        return AuthResult(success=ok, handled=False)
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return self.controller.port
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    def start(self) -> SmtpServer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
