@@ -22,8 +22,10 @@ class StrictInteger(fields.Integer):
 class StrictBoolean(fields.Boolean):
     """true or false only: no 1, "yes" or "true" strings."""
 
-    truthy = {True}
-    falsy = {False}
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):  # 1 == True, so a set of truthy values cannot tell
+            raise self.make_error("invalid", input=value)
+        return value
 
 
 class NonEmptyString(fields.String):

@@ -60,7 +60,8 @@ def smtp_factory(server_tls) -> Iterator[Any]:
         mode: str = "starttls", users: dict[str, str] | None = None, **kwargs: Any
     ) -> SmtpServer:
         users = {SMTP_USER: SMTP_PASSWORD} if users is None else users
-        server = SmtpServer(mode=mode, users=users, server_context=server_tls, **kwargs).start()
+        kwargs.setdefault("server_context", server_tls)
+        server = SmtpServer(mode=mode, users=users, **kwargs).start()
         started.append(server)
         return server
 

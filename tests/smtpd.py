@@ -72,7 +72,7 @@ class SmtpServer:
             kwargs.update(
                 authenticator=self._authenticate,
                 auth_required=True,
-                auth_require_tls=(mode != "plain"),
+                auth_require_tls=(mode == "starttls"),  # implicit TLS is already encrypted
             )
         else:
             kwargs.update(auth_require_tls=False)

@@ -57,11 +57,11 @@ def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
 
 def is_public(ip: IPAddress) -> bool:
     """True only for a globally routable unicast address, looking through IPv6 wrappers."""
-    inner = embedded_ipv4(ip)
-    if inner is not None and not is_public(inner):
-        return False
     if any(ip in net for net in _EXTRA_BLOCKED if net.version == ip.version):
         return False
+    inner = embedded_ipv4(ip)
+    if inner is not None:  # the wrapper's own flags say nothing of where packets end up
+        return is_public(inner)
     return bool(
         ip.is_global
         and not ip.is_multicast

@@ -94,7 +94,8 @@ class _PinnedSMTPSSL(smtplib.SMTP_SSL):
 def _scrub(text: str, endpoint: SmtpEndpoint) -> str:
     if endpoint.password:
         secret = endpoint.password.reveal()
-        if secret and secret in text:
+        # Below six characters a match is more likely a word of the text than the password.
+        if len(secret) >= 6 and secret in text:
             text = text.replace(secret, "***")
     return text
 
@@ -121,7 +122,8 @@ def describe_failure(exc: BaseException, endpoint: SmtpEndpoint) -> TransportErr
         kind, text = "tls", f"TLS certificate verification failed: {exc.verify_message}"
     elif isinstance(exc, ssl.SSLError):
         kind, text = "tls", f"TLS handshake failed: {exc.reason or type(exc).__name__}"
-    elif isinstance(exc, (socket.timeout, TimeoutError)):
+    elif isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+        # smtplib turns a read timeout into SMTPServerDisconnected; the cause tells.
         kind, text = "timeout", f"Timed out talking to {where}"
     elif isinstance(exc, ConnectionRefusedError):
         kind, text = "refused", f"Connection refused by {where}"
