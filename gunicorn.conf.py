@@ -49,3 +49,11 @@ def on_exit(server):
     if _catcher is not None:
         _catcher.terminate()
         _catcher.wait(timeout=10)
+
+
+def worker_exit(server, worker):
+    """Close the worker's pooled SMTP connections with QUIT before it goes."""
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("smtp_service")
+    pool = getattr(services, "pool", None)
+    if pool is not None:
+        pool.close_all()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -12,10 +15,14 @@ from flask import Flask
 
 from smtp_service.config import ConfigError, load_config
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
+from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
+from smtp_service.services.pool import TransportPool
+from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
-from smtp_service.services.transport import Secret, SmtpEndpoint
+from smtp_service.services.transport import Secret, SmtpEndpoint, connect
 from smtp_service.storage.files import AccountFiles
+from smtp_service.storage.messages import MessageLog
 
 __all__ = ["ConfigError", "create_app"]
 
@@ -36,6 +43,33 @@ class Services:
         self.global_endpoint = global_endpoint(config)
         self.settings = SettingsService(
             self.files, self.box, self.guard, self.global_endpoint, config["SMTP_TIMEOUT"]
+        )
+        self.senders = SenderService(self.files)
+        self.messages = MessageLog(os.path.join(self.data_dir, "messages.sqlite3"))
+        self.pool = TransportPool(
+            functools.partial(connect, timeout=config["SMTP_TIMEOUT"], guard=self.guard),
+            size=config["SMTP_POOL_SIZE"],
+            max_messages=config["SMTP_POOL_MAX_MESSAGES"],
+            idle_seconds=config["SMTP_POOL_IDLE_SECONDS"],
+            max_lifetime=config["SMTP_POOL_MAX_LIFETIME_SECONDS"],
+            max_accounts=config["SMTP_POOL_MAX_ACCOUNTS"],
+        )
+        # A forked worker must not share the parent's sockets; on exit, QUIT politely.
+        os.register_at_fork(after_in_child=self.pool.reset_after_fork)
+        atexit.register(self.pool.close_all)
+        self.settings.on_change = self.pool.forget
+        # The open-pixel signing key is derived from the encryption key, so it survives
+        # restarts and is shared by every worker without another setting.
+        tracking_secret = hashlib.sha256(b"smtp-service open pixel:" + keys[0].encode()).digest()
+        self.mailer = Mailer(
+            settings=self.settings,
+            senders=self.senders,
+            pool=self.pool,
+            messages=self.messages,
+            tracker=OpenTracker(tracking_secret, config["PUBLIC_BASE_URL"]),
+            global_from=config["SMTP_FROM"] or None,
+            max_message_bytes=config["MAX_MESSAGE_BYTES"],
+            max_recipients=config["MAX_RECIPIENTS"],
         )
 
     def data_dir_writable(self) -> bool:
@@ -117,9 +151,9 @@ def register_error_handlers(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP routes."""
-    from smtp_service.api import health, openapi, settings
+    from smtp_service.api import health, messages, openapi, senders, settings, tracking
 
-    for module in (health, openapi, settings):
+    for module in (health, openapi, settings, messages, senders, tracking):
         app.register_blueprint(module.bp)
 
 

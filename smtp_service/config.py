@@ -130,4 +130,17 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SMTP_HOST_ALLOWLIST": _allowlist(env),
         "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
         "MAX_CONTENT_LENGTH": max_request,
+        "MAX_MESSAGE_BYTES": _int(env, "MAX_MESSAGE_BYTES", 10 * 1024 * 1024, 1024, 1024**3),
+        "MAX_RECIPIENTS": _int(env, "MAX_RECIPIENTS", 50, 1, 10000),
+        "PUBLIC_BASE_URL": (
+            env.get("PUBLIC_BASE_URL", "").strip()
+            or f"http://{env.get('BIND', '').strip() or '127.0.0.1:8000'}"
+        ).rstrip("/"),
+        "SMTP_POOL_SIZE": _int(env, "SMTP_POOL_SIZE", 3, 0, 100),
+        "SMTP_POOL_MAX_MESSAGES": _int(env, "SMTP_POOL_MAX_MESSAGES", 100, 1, 1_000_000),
+        "SMTP_POOL_IDLE_SECONDS": _float(env, "SMTP_POOL_IDLE_SECONDS", 60.0, 0.1, 86400.0),
+        "SMTP_POOL_MAX_LIFETIME_SECONDS": _float(
+            env, "SMTP_POOL_MAX_LIFETIME_SECONDS", 300.0, 0.1, 86400.0
+        ),
+        "SMTP_POOL_MAX_ACCOUNTS": _int(env, "SMTP_POOL_MAX_ACCOUNTS", 1000, 1, 1_000_000),
     }

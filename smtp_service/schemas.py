@@ -152,3 +152,198 @@ class HealthResponse(Schema):
 
     status = fields.String(required=True)
     error = fields.String()
+
+
+# -- sending ------------------------------------------------------------------------------------
+
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 field name: printable, no colon
+_RESERVED_HEADERS = {
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "message-id",
+    "date",
+    "reply-to",
+    "sender",
+    "content-type",
+    "content-transfer-encoding",
+    "mime-version",
+}
+
+
+def _no_control_chars(value: str) -> None:
+    if any(ch in value for ch in "\r\n\x00"):
+        raise ValidationError("Must not contain CR, LF or NUL characters.")
+
+
+class AddressList(fields.Field):
+    """One address or a list of them; each a string without line breaks."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValidationError("Must be an address or a list of addresses.")
+        for item in items:
+            _no_control_chars(item)
+        return [i.strip() for i in items if i.strip()]
+
+
+class Attachment(Schema):
+    """One attachment: base64 content."""
+
+    filename = NonEmptyString(required=True, validate=[validate.Length(max=255), _no_control_chars])
+    content = fields.String(required=True)
+    contentType = fields.String(
+        load_default="application/octet-stream", validate=validate.Regexp(r"^[\w.+-]+/[\w.+-]+$")
+    )
+
+
+class HeaderMap(fields.Dict):
+    """Extra headers: safe names, single-line values, none of the ones the service sets."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(keys=fields.String(), values=fields.String(), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict:
+        headers = super()._deserialize(value, attr, data, **kwargs)
+        problems = []
+        for name, text in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                problems.append(f"Invalid header name {name!r}.")
+            elif name.lower() in _RESERVED_HEADERS:
+                problems.append(f"Header {name} cannot be set here.")
+            if any(ch in text for ch in "\r\n\x00"):
+                problems.append(f"Header {name} must not contain CR, LF or NUL characters.")
+        if problems:
+            raise ValidationError(problems)
+        return headers
+
+
+class SendEmailInput(Schema):
+    """POST /api/messages/send-email."""
+
+    from_ = fields.String(required=True, data_key="from", validate=_no_control_chars)
+    to = AddressList(required=True)
+    cc = AddressList(load_default=list)
+    bcc = AddressList(load_default=list)
+    replyTo = AddressList(load_default=list)
+    subject = fields.String(required=True, validate=[validate.Length(max=998), _no_control_chars])
+    text = fields.String(load_default=None)
+    html = fields.String(load_default=None)
+    headers = HeaderMap(load_default=dict)
+    attachments = fields.List(fields.Nested(Attachment), load_default=list)
+    trackOpens = StrictBoolean(load_default=True)
+
+    @post_load
+    def _needs_a_body(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        if data["text"] is None and data["html"] is None:
+            raise ValidationError("At least one of text or html is required.", "text")
+        if not data["to"]:
+            raise ValidationError("At least one recipient is required.", "to")
+        return data
+
+
+class RejectedRecipient(Schema):
+    """A recipient the server refused."""
+
+    email = fields.String()
+    code = fields.Integer(allow_none=True)
+    enhancedCode = fields.String(allow_none=True)
+    reply = fields.String(allow_none=True)
+    type = fields.String()
+
+
+class SendEmailResponse(Schema):
+    """A message the server accepted."""
+
+    success = fields.Boolean(required=True)
+    messageId = fields.String()
+    transport = fields.String()
+    accepted = fields.List(fields.String())
+    rejected = fields.List(fields.String())
+
+
+class Bounce(Schema):
+    """The classification of a refusal."""
+
+    type = fields.String()
+    code = fields.Integer(allow_none=True)
+    enhancedCode = fields.String(allow_none=True)
+    recipients = fields.List(fields.String())
+
+
+class SendFailedResponse(Schema):
+    """502: the server did not take the message."""
+
+    success = fields.Boolean(required=True)
+    error = fields.String(required=True)
+    messageId = fields.String()
+    transport = fields.String()
+    bounce = fields.Nested(Bounce, allow_none=True)
+
+
+class MessageEvent(Schema):
+    """One event of a message."""
+
+    type = fields.String()
+    at = fields.String()
+    detail = fields.Dict(allow_none=True)
+
+
+class MessageRecord(Schema):
+    """GET /api/messages/<messageId>."""
+
+    messageId = fields.String()
+    status = fields.String()
+    from_ = fields.String(data_key="from")
+    recipients = fields.List(fields.String())
+    subject = fields.String()
+    transport = fields.String()
+    accepted = fields.List(fields.String())
+    rejected = fields.List(fields.Nested(RejectedRecipient))
+    smtpReply = fields.String(allow_none=True)
+    durationMs = fields.Float()
+    createdAt = fields.String()
+    opens = fields.Integer()
+    firstOpenedAt = fields.String(allow_none=True)
+    events = fields.List(fields.Nested(MessageEvent))
+
+
+class SenderInput(Schema):
+    """POST /api/senders."""
+
+    email = fields.String(required=True, validate=_no_control_chars)
+    name = fields.String(load_default=None, validate=[validate.Length(max=200), _no_control_chars])
+
+
+class Sender(Schema):
+    """A verified sender of the account."""
+
+    email = fields.String()
+    name = fields.String(allow_none=True)
+    createdAt = fields.String()
+
+
+class SenderList(Schema):
+    """GET /api/senders."""
+
+    senders = fields.List(fields.Nested(Sender))
+
+
+class Suppression(Schema):
+    """An address the account will not send to."""
+
+    email = fields.String()
+    reason = fields.String()
+    code = fields.Integer(allow_none=True)
+    enhancedCode = fields.String(allow_none=True)
+    messageId = fields.String(allow_none=True)
+    createdAt = fields.String()
+
+
+class SuppressionList(Schema):
+    """GET /api/suppressions."""
+
+    suppressions = fields.List(fields.Nested(Suppression))

@@ -101,7 +101,10 @@ def app_config(tmp_path, global_server) -> dict[str, Any]:
 
 @pytest.fixture
 def app(app_config):
-    return create_app(app_config)
+    app = create_app(app_config)
+    yield app
+    # QUIT pooled connections before the test's SMTP servers stop
+    app.extensions["smtp_service"].pool.close_all()
 
 
 @pytest.fixture

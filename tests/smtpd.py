@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 import threading
 from dataclasses import dataclass, field
-from email import message_from_bytes
+from email import message_from_bytes, policy
 from email.message import Message
 from typing import Any
 
@@ -25,8 +25,8 @@ class Received:
 
     @property
     def message(self) -> Message:
-        """The parsed message."""
-        return message_from_bytes(self.data)
+        """The parsed message (8-bit headers read as UTF-8, as SMTPUTF8 sends them)."""
+        return message_from_bytes(self.data, policy=policy.default)
 
 
 @dataclass
@@ -36,8 +36,21 @@ class RecordingHandler:
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    async def handle_RCPT(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        """Refuse on purpose: bad* -> 550 5.1.1 (hard), later* -> 451 4.7.1 (soft)."""
+        local = address.split("@", 1)[0].lower()
+        if local.startswith("bad"):
+            return "550 5.1.1 User unknown"
+        if local.startswith("later"):
+            return "451 4.7.1 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        login = session.login_data.decode() if isinstance(session.login_data, bytes) else None
+        auth = getattr(session, "auth_data", None)
+        login = auth.login.decode() if isinstance(auth, LoginPassword) else None
         with self.lock:
             self.messages.append(
                 Received(
@@ -62,12 +75,13 @@ class SmtpServer:
         server_context: ssl.SSLContext | None = None,
         handler: RecordingHandler | None = None,
         port: int = 0,
+        smtputf8: bool = True,
     ) -> None:
         self.mode = mode
         self.users = users or {}
         self.handler = handler or RecordingHandler()
         self.auth_attempts: list[tuple[str, bool]] = []
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
         if self.users:
             kwargs.update(
                 authenticator=self._authenticate,
@@ -96,7 +110,7 @@ class SmtpServer:
         login = auth_data.login.decode()
         ok = self.users.get(login) == auth_data.password.decode()
         self.auth_attempts.append((login, ok))
-        return AuthResult(success=ok, handled=False)
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
     @property
     def host(self) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import ValidationError
@@ -21,6 +21,7 @@ from smtp_service.services.transport import (
     check_connection,
 )
 from smtp_service.storage.files import AccountFiles
+from smtp_service.timestamps import iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ class StoredSettings:
         }
 
 
-def _timestamp() -> str:
-    """ISO 8601 in UTC with milliseconds and Z, as the original service wrote it."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class SettingsService:
     """The settings half of the product, independent of HTTP."""
 
@@ -74,6 +70,9 @@ class SettingsService:
         self.guard = guard
         self.global_endpoint = global_endpoint
         self.timeout = timeout
+        # Called with the account id after a save or delete (the sending pool drops its
+        # connections); other workers notice the change through the settings fingerprint.
+        self.on_change: Callable[[str], None] = lambda _account_id: None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -150,10 +149,11 @@ class SettingsService:
             "user": data["user"],
             "pass": self.box.encrypt(account_id, data["password"]),
             "requireTls": data["requireTls"],
-            "updatedAt": _timestamp(),
+            "updatedAt": iso_utc(),
             "updatedBy": user_id,
         }
         self.files.write(account_id, SETTINGS_FILE, document)
+        self.on_change(account_id)
         log.info(
             "account %s: SMTP settings saved by %s (host %s:%s)",
             account_id,
@@ -166,6 +166,7 @@ class SettingsService:
     def delete(self, account_id: str) -> bool:
         """Remove the account's settings; True when there were some."""
         existed = self.files.delete(account_id, SETTINGS_FILE)
+        self.on_change(account_id)
         if existed:
             log.info("account %s: SMTP settings removed", account_id)
         return existed

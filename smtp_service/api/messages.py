@@ -1,0 +1,62 @@
+"""/api/messages: send an email, read a message's record."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from smtp_service.api import documented, json_body, services
+from smtp_service.auth import current_caller
+from smtp_service.errors import ApiError, NotFound
+from smtp_service.schemas import (
+    ErrorResponse,
+    MessageRecord,
+    SendEmailInput,
+    SendEmailResponse,
+    SendFailedResponse,
+)
+
+bp = Blueprint("messages", __name__, url_prefix="/api/messages")
+
+_MAX_KEY_LENGTH = 255
+
+
+@bp.post("/send-email")
+@documented(
+    "Send an email through the account's SMTP server (or the global one)",
+    body=SendEmailInput,
+    responses={
+        200: SendEmailResponse,
+        400: ErrorResponse,
+        401: ErrorResponse,
+        403: ErrorResponse,
+        409: ErrorResponse,
+        413: ErrorResponse,
+        415: ErrorResponse,
+        422: ErrorResponse,
+        502: SendFailedResponse,
+        503: ErrorResponse,
+    },
+)
+def send_email():
+    """POST /api/messages/send-email; honours an Idempotency-Key header."""
+    caller = current_caller()
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= _MAX_KEY_LENGTH and key.isprintable()):
+        raise ApiError("Idempotency-Key must be 1-255 printable characters", 400)
+    data = json_body(SendEmailInput())
+    status, body = services().mailer.send(caller.account_id, data, key)
+    return jsonify(body), status
+
+
+@bp.get("/<path:message_id>")
+@documented(
+    "A sent message's record: status, recipients, opens, events",
+    responses={200: MessageRecord, 401: ErrorResponse, 404: ErrorResponse},
+)
+def get_message(message_id: str):
+    """GET /api/messages/<messageId> (the account's own messages only)."""
+    caller = current_caller()
+    record = services().messages.get(caller.account_id, message_id)
+    if record is None:
+        raise NotFound("Message not found")
+    return jsonify(record)

@@ -1,0 +1,120 @@
+"""Turning a send request into a checked envelope and an RFC 5322 message."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import html as html_lib
+import uuid
+from dataclasses import dataclass
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate, getaddresses
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from smtp_service.errors import ValidationFailed
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A checked address with its optional display name."""
+
+    name: str
+    address: str  # normalised; ASCII unless the local part needs SMTPUTF8
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        return not self.address.isascii()
+
+    def header(self) -> Address:
+        """The address as an email header value."""
+        local, _, domain = self.address.rpartition("@")
+        return Address(display_name=self.name, username=local, domain=domain)
+
+
+def parse_mailbox(text: str, field: str) -> Mailbox:
+    """'a@b.example' or 'Name <a@b.example>' -> Mailbox; ValidationFailed naming the field."""
+    pairs = getaddresses([text])
+    if len(pairs) != 1 or not pairs[0][1]:
+        raise ValidationFailed({field: [f"Invalid email address: {text}"]})
+    name, addr = pairs[0]
+    try:
+        checked = validate_email(addr, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        raise ValidationFailed({field: [f"Invalid email address {addr}: {exc}"]}) from None
+    return Mailbox(name, checked.ascii_email or checked.normalized)
+
+
+def parse_mailboxes(items: list[str], field: str) -> list[Mailbox]:
+    """Each item checked; the first bad one names the field."""
+    return [parse_mailbox(item, field) for item in items]
+
+
+def decode_attachment(item: dict[str, Any], index: int) -> bytes:
+    """The attachment's bytes; ValidationFailed when the content is not base64."""
+    try:
+        return base64.b64decode(item["content"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationFailed(
+            {"attachments": {str(index): {"content": ["Must be base64."]}}}
+        ) from None
+
+
+def new_message_id(sender: Mailbox) -> str:
+    """A unique id, also used as the Message-ID header (without the angle brackets)."""
+    domain = sender.address.rpartition("@")[2] or "smtp-service.local"
+    return f"{uuid.uuid4().hex}@{domain}"
+
+
+def with_open_pixel(html: str, pixel_url: str) -> str:
+    """The html with a 1x1 tracking image before </body> (or at the end)."""
+    tag = (
+        f'<img src="{html_lib.escape(pixel_url, quote=True)}" width="1" height="1" '
+        f'alt="" style="display:none;border:0" />'
+    )
+    lower = html.lower()
+    at = lower.rfind("</body>")
+    return html[:at] + tag + html[at:] if at >= 0 else html + tag
+
+
+def build_message(
+    *,
+    message_id: str,
+    sender: Mailbox,
+    to: list[Mailbox],
+    cc: list[Mailbox],
+    reply_to: list[Mailbox],
+    subject: str,
+    text: str | None,
+    html: str | None,
+    headers: dict[str, str],
+    attachments: list[tuple[str, str, bytes]],
+    smtputf8: bool,
+) -> bytes:
+    """The message as bytes with CRLF line ends (Bcc never appears in it)."""
+    msg = EmailMessage(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
+    msg["From"] = sender.header()
+    msg["To"] = [m.header() for m in to]
+    if cc:
+        msg["Cc"] = [m.header() for m in cc]
+    if reply_to:
+        msg["Reply-To"] = [m.header() for m in reply_to]
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = f"<{message_id}>"
+    for name, value in headers.items():
+        msg[name] = value
+    if text is not None:
+        msg.set_content(text)
+    if html is not None:
+        if text is not None:
+            msg.add_alternative(html, subtype="html")
+        else:
+            msg.set_content(html, subtype="html")
+    for filename, content_type, data in attachments:
+        maintype, _, subtype = content_type.partition("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+    return msg.as_bytes()
