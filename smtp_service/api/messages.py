@@ -18,6 +18,7 @@ from smtp_service.schemas import (
 bp = Blueprint("messages", __name__, url_prefix="/api/messages")
 
 _MAX_KEY_LENGTH = 255
+_SEND_INPUT = SendEmailInput()  # schemas hold no per-load state; building one costs ~0.5 ms
 
 
 @bp.post("/send-email")
@@ -43,7 +44,7 @@ def send_email():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _MAX_KEY_LENGTH and key.isprintable()):
         raise ApiError("Idempotency-Key must be 1-255 printable characters", 400)
-    data = json_body(SendEmailInput())
+    data = json_body(_SEND_INPUT)
     status, body = services().mailer.send(caller.account_id, data, key)
     return jsonify(body), status
 

@@ -8,7 +8,7 @@ import html as html_lib
 import uuid
 from dataclasses import dataclass
 from email import policy
-from email.headerregistry import Address
+from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses
 from typing import Any
@@ -16,6 +16,25 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 
 from smtp_service.errors import ValidationFailed
+
+
+class _CachedHeaderRegistry(HeaderRegistry):
+    """HeaderRegistry builds a new header class on every lookup; build each one once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
+_POLICY = policy.SMTP.clone(header_factory=_CachedHeaderRegistry())
+_POLICY_UTF8 = policy.SMTPUTF8.clone(header_factory=_CachedHeaderRegistry())
 
 
 @dataclass(frozen=True)
@@ -95,7 +114,7 @@ def build_message(
     smtputf8: bool,
 ) -> bytes:
     """The message as bytes with CRLF line ends (Bcc never appears in it)."""
-    msg = EmailMessage(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
+    msg = EmailMessage(policy=_POLICY_UTF8 if smtputf8 else _POLICY)
     msg["From"] = sender.header()
     msg["To"] = [m.header() for m in to]
     if cc:

@@ -176,8 +176,8 @@ class Mailer:
                 suppressed=suppressed,
             )
         route = self.route(account_id)
-        allowed = route.allowed_senders | self.senders.emails(account_id)
-        if sender.address.lower() not in allowed:
+        address = sender.address.lower()
+        if address not in route.allowed_senders and address not in self.senders.emails(account_id):
             raise ApiError(f"Sender {sender.address} is not verified for this account", 403)
 
         message_id = new_message_id(sender)

@@ -25,6 +25,9 @@ from smtp_service.timestamps import iso_utc
 
 log = logging.getLogger(__name__)
 
+_CACHE_SIZE = 10_000  # parsed settings kept per worker (a few hundred bytes each)
+_STORED_SCHEMA = StoredSmtpSettings()  # schemas hold no per-load state; build once
+
 SETTINGS_FILE = "smtp-settings.json"
 
 
@@ -73,11 +76,35 @@ class SettingsService:
         # Called with the account id after a save or delete (the sending pool drops its
         # connections); other workers notice the change through the settings fingerprint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
+        self._cache: dict[str, tuple[tuple[int, int, int, int], StoredSettings]] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
     def load(self, account_id: str) -> StoredSettings | None:
-        """The account's own settings, None when it has none; StoredSettingsUnusable if broken."""
+        """The account's own settings, None when it has none; StoredSettingsUnusable if broken.
+
+        Every call looks at the file (one stat), so a change made by another worker or instance
+        is seen at once; the parsed, decrypted result is reused while the file is unchanged
+        (every save replaces the file, so its inode, mtime and size identify one version).
+        """
+        path = self.files.path(account_id, SETTINGS_FILE)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._cache.pop(account_id, None)
+            return None
+        signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        cached = self._cache.get(account_id)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        loaded = self._load_file(account_id)
+        if loaded is not None:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)), None)
+            self._cache[account_id] = (signature, loaded)
+        return loaded
+
+    def _load_file(self, account_id: str) -> StoredSettings | None:
         try:
             raw = self.files.read(account_id, SETTINGS_FILE)
         except ValueError:
@@ -85,7 +112,7 @@ class SettingsService:
         if raw is None:
             return None
         try:
-            data = StoredSmtpSettings().load(raw if isinstance(raw, dict) else {})
+            data = _STORED_SCHEMA.load(raw if isinstance(raw, dict) else {})
         except ValidationError as exc:
             fields = ", ".join(sorted(exc.messages)) if isinstance(exc.messages, dict) else "?"
             raise StoredSettingsUnusable(f"settings file fails validation ({fields})") from None
@@ -153,6 +180,7 @@ class SettingsService:
             "updatedBy": user_id,
         }
         self.files.write(account_id, SETTINGS_FILE, document)
+        self._cache.pop(account_id, None)
         self.on_change(account_id)
         log.info(
             "account %s: SMTP settings saved by %s (host %s:%s)",
@@ -166,6 +194,7 @@ class SettingsService:
     def delete(self, account_id: str) -> bool:
         """Remove the account's settings; True when there were some."""
         existed = self.files.delete(account_id, SETTINGS_FILE)
+        self._cache.pop(account_id, None)
         self.on_change(account_id)
         if existed:
             log.info("account %s: SMTP settings removed", account_id)
