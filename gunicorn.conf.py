@@ -17,7 +17,8 @@ timeout = 60
 graceful_timeout = 15
 accesslog = "-"
 # The access log must never hold a token: log the request line without the query string.
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss'
+# pid=%(p)s names the worker that answered (tests use it to prove every worker was exercised).
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss pid=%(p)s'
 
 _catcher = None
 
