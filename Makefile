@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 NEWMAN := node_modules/.bin/newman
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,10 @@ test: $(DEV_STAMP) $(NEWMAN)
 	$(PY) -m pytest
 
 bench: $(DEV_STAMP)
-	$(PY) bench/settings_api.py
+	$(PY) bench/send_throughput.py
+
+soak: $(DEV_STAMP)
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

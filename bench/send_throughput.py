@@ -1,0 +1,286 @@
+"""Send throughput of smtp-service under real gunicorn, pooled vs unpooled.
+
+Starts a local SMTP server that requires STARTTLS and AUTH (bench/smtp_sink.py, own process),
+then for each mode starts gunicorn (`gunicorn.conf.py`, `wsgi:app`) with SMTP_POOL_SIZE=3 or 0,
+saves the account's SMTP settings through the API, and sends N messages through
+POST /api/messages/send-email at several concurrency levels with a small asyncio HTTP/1.1
+keep-alive client. Prints messages/s and p50/p99 latency, and checks that the SMTP server got
+exactly the number of messages answered 200.
+
+    .venv/bin/python bench/send_throughput.py [--requests 3000] [--concurrency 1,8,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jwt as pyjwt  # noqa: E402
+import trustme  # noqa: E402
+
+from smtp_service.services.crypto import new_key  # noqa: E402
+
+SECRET = "bench-secret-" + "x" * 40
+logging.getLogger("mail.log").setLevel(logging.ERROR)
+USER, PASSWORD = "bench@example.com", "bench-password-123"
+
+
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def token(account: str) -> str:
+    """A valid HS256 token for the account."""
+    now = int(time.time())
+    return pyjwt.encode(
+        {"sub": "bench", "accountId": account, "iat": now, "exp": now + 3600, "type": "access"},
+        SECRET,
+        algorithm="HS256",
+    )
+
+
+def wait_http(url: str, seconds: float = 20) -> None:
+    """Poll until the URL answers."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def api(base: str, method: str, path: str, auth: str, body: dict | None = None) -> dict:
+    """One JSON request."""
+    req = urllib.request.Request(
+        base + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {auth}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+async def _worker(
+    host: str,
+    port: int,
+    request: bytes,
+    count: int,
+    latencies: list[float],
+    statuses: dict[int, int],
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            writer.write(request)
+            status_line = await reader.readline()
+            length = 0
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+            status = int(status_line.split()[1])
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def load(host: str, port: int, auth: str, total: int, concurrency: int) -> dict:
+    """Send `total` requests over `concurrency` keep-alive connections."""
+    body = json.dumps(
+        {
+            "from": USER,
+            "to": "rcpt@example.net",
+            "subject": "bench",
+            "text": "hello from the benchmark",
+        }
+    ).encode()
+    request = (
+        f"POST /api/messages/send-email HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {auth}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    per = [total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)]
+    started = time.perf_counter()
+    await asyncio.gather(*(_worker(host, port, request, n, latencies, statuses) for n in per))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "rate": total / elapsed,
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
+        "statuses": statuses,
+    }
+
+
+def run_mode(
+    pool_size: int, args: argparse.Namespace, smtp_port: int, ca_file: str, workdir: str
+) -> list[tuple[int, dict]]:
+    """Start gunicorn with one pool size, measure every concurrency level, stop it."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "BIND": f"127.0.0.1:{port}",
+        "JWT_SECRET_KEY": SECRET,
+        "JWT_PUBLIC_KEY": "",
+        "JWT_ALGORITHM": "",
+        "DATA_DIR": os.path.join(workdir, f"data-{pool_size}"),
+        "SMTP_ENCRYPTION_KEYS": new_key(),
+        "SMTP_HOST_ALLOWLIST": "127.0.0.1/32,localhost",
+        "SMTP_HOST": "localhost",
+        "SMTP_PORT": str(smtp_port),
+        "SMTP_USER": USER,
+        "SMTP_PASS": PASSWORD,
+        "SMTP_FROM": USER,
+        "SMTP_POOL_SIZE": str(pool_size),
+        "SSL_CERT_FILE": ca_file,
+        "WEB_CONCURRENCY": str(args.workers),
+        "GUNICORN_THREADS": str(args.threads),
+        "LOG_LEVEL": "WARNING",
+    }
+    log = open(os.path.join(workdir, f"gunicorn-{pool_size}.log"), "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            os.path.join(ROOT, ".venv/bin/gunicorn"),
+            "-c",
+            "gunicorn.conf.py",
+            "--access-logfile",
+            "/dev/null",
+            "wsgi:app",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    results = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/healthz")
+        auth = token("bench-account")
+        api(
+            base,
+            "POST",
+            "/api/smtp/settings",
+            auth,
+            {"host": "localhost", "port": smtp_port, "user": USER, "pass": PASSWORD},
+        )
+        warm = asyncio.run(load("127.0.0.1", port, auth, 200, 8))  # warm-up: imports, pools
+        results.append((0, warm))
+        for concurrency in args.concurrency:
+            results.append(
+                (
+                    concurrency,
+                    asyncio.run(load("127.0.0.1", port, auth, args.requests, concurrency)),
+                )
+            )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    return results
+
+
+def main() -> None:
+    """Run both modes and print the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32]
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        ca_file = os.path.join(workdir, "ca.pem")
+        ca.cert_pem.write_to_path(ca_file)
+        cert_file, key_file = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+        cert.cert_chain_pems[0].write_to_path(cert_file)
+        cert.private_key_pem.write_to_path(key_file)
+        smtp_port = free_port()
+        sink = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(ROOT, "bench", "smtp_sink.py"),
+                "--port",
+                str(smtp_port),
+                "--cert",
+                cert_file,
+                "--key",
+                key_file,
+                "--user",
+                USER,
+                "--password",
+                PASSWORD,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+            table = {}
+            for pool_size in (3, 0):
+                table[pool_size] = run_mode(pool_size, args, smtp_port, ca_file, workdir)
+        finally:
+            sink.terminate()
+            out, _ = sink.communicate(timeout=30)
+        received = int(out.strip().splitlines()[-1])
+    print(
+        f"send-email through gunicorn ({args.workers} workers x {args.threads} threads), "
+        f"SMTP server with STARTTLS + AUTH, {args.requests} requests per level, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(f"{'mode':<10}{'conc':>6}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}  statuses")
+    ok = 0
+    for pool_size, rows in table.items():
+        mode = "pooled" if pool_size else "unpooled"
+        for concurrency, r in rows:
+            ok += r["statuses"].get(200, 0)
+            if concurrency == 0:  # the warm-up
+                continue
+            print(
+                f"{mode:<10}{concurrency:>6}{r['rate']:>10.0f}{r['p50']:>10.1f}"
+                f"{r['p99']:>10.1f}  {r['statuses']}"
+            )
+    for concurrency in args.concurrency:
+        pooled = dict(table[3])[concurrency]["rate"]
+        unpooled = dict(table[0])[concurrency]["rate"]
+        print(f"pooled/unpooled at concurrency {concurrency}: {pooled / unpooled:.1f}x")
+    print(f"SMTP server received {received} messages; 200 answers (with warm-up): {ok}")
+    if received != ok:
+        sys.exit("mismatch between 200 answers and delivered messages")
+
+
+if __name__ == "__main__":
+    main()
