@@ -49,6 +49,7 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
         "smtpPort": str(live.account_server.port),
         "smtpUser": SMTP_USER,
         "smtpPass": SMTP_PASSWORD,
+        "globalFrom": "noreply@example.com",  # the service's SMTP_FROM (tests/e2e/conftest.py)
     }
     command = [
         str(NEWMAN),
@@ -95,10 +96,14 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
     assert stats["requests"]["failed"] == 0, output
 
     # The collection really talked to the SMTP servers: the test logins reached the account's
-    # server (right, then wrong password), and nothing was sent through the global one.
+    # server (right, then wrong password); the sends landed where the collection says.
     assert (SMTP_USER, True) in live.account_server.auth_attempts
     assert (SMTP_USER, False) in live.account_server.auth_attempts
-    assert live.global_server.messages == []
+    subjects = [m.message["Subject"] for m in live.account_server.messages]
+    # custom, verified sender, idempotent (once for two requests), partial rejection
+    assert len(subjects) == 4, subjects
+    assert [m.rcpt_tos for m in live.account_server.messages][-1] == ["rcpt@example.net"]
+    assert [m.mail_from for m in live.global_server.messages] == ["noreply@example.com"]
 
     live.stop()
     live.assert_log_clean()
