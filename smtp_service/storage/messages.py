@@ -465,9 +465,19 @@ class MessageLog:
     # -- idempotency -------------------------------------------------------------------------
 
     def claim(
-        self, account_id: str, key: str, body_hash: str, ttl_seconds: int = 86400
+        self,
+        account_id: str,
+        key: str,
+        body_hash: str,
+        ttl_seconds: int = 86400,
+        abandoned_seconds: int = 300,
     ) -> tuple[str, int | None, dict | None]:
-        """Claim an Idempotency-Key: ("new"|"replay"|"conflict"|"pending", status, body)."""
+        """Claim an Idempotency-Key: ("new"|"replay"|"conflict"|"pending", status, body).
+
+        A claim still pending after `abandoned_seconds` belonged to a worker that died mid-send
+        (gunicorn kills a request after 60 s): a retry then takes it over instead of being
+        refused for the rest of the day.
+        """
         now = self._now()
         with self._write() as db:  # the write lock makes check-then-insert atomic
             db.execute(
@@ -475,7 +485,8 @@ class MessageLog:
                 (account_id, now - int(ttl_seconds * 1000)),
             )
             row = db.execute(
-                "SELECT body_hash, status, body FROM idempotency WHERE account_id = ? AND key = ?",
+                "SELECT body_hash, status, body, created_at FROM idempotency"
+                " WHERE account_id = ? AND key = ?",
                 (account_id, key),
             ).fetchone()
             if row is None:
@@ -485,7 +496,17 @@ class MessageLog:
                     (account_id, key, body_hash, now),
                 )
                 return "new", None, None
-        stored_hash, status, body = row
+            stored_hash, status, body, created_at = row
+            if (
+                status is None
+                and stored_hash == body_hash
+                and created_at < now - int(abandoned_seconds * 1000)
+            ):
+                db.execute(
+                    "UPDATE idempotency SET created_at = ? WHERE account_id = ? AND key = ?",
+                    (now, account_id, key),
+                )
+                return "new", None, None
         if stored_hash != body_hash:
             return "conflict", None, None
         if status is None:

@@ -365,6 +365,19 @@ def test_claim_expires_after_ttl(log: MessageLog, clock: FakeClock, db_path: str
     assert log.claim("acct-a", "k1", "h2", ttl_seconds=1) == ("new", None, None)
 
 
+def test_abandoned_pending_claim_is_taken_over(log: MessageLog, clock: FakeClock) -> None:
+    assert log.claim("acct-a", "k1", "h1")[0] == "new"  # its worker dies: never completed
+    clock.advance(299)
+    assert log.claim("acct-a", "k1", "h1")[0] == "pending"  # may still be running
+    assert log.claim("acct-a", "k1", "h2")[0] == "conflict"  # another body never takes it
+    clock.advance(2)
+    assert log.claim("acct-a", "k1", "h1") == ("new", None, None)  # abandoned: retry proceeds
+    assert log.claim("acct-a", "k1", "h1")[0] == "pending"  # and the takeover is a claim
+    log.complete("acct-a", "k1", 200, {"ok": 1})
+    clock.advance(1000)
+    assert log.claim("acct-a", "k1", "h1") == ("replay", 200, {"ok": 1})  # completed: kept
+
+
 def test_claim_expiry_with_the_wall_clock(db_path: str) -> None:
     real = MessageLog(db_path)
     try:
