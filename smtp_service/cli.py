@@ -10,6 +10,7 @@ from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
 
 from smtp_service.services.crypto import new_key
+from smtp_service.services.settings import StoredSettingsUnusable
 
 
 @click.group()
@@ -38,26 +39,34 @@ def token(account: str, user: str, hours: int) -> None:
 @with_appcontext
 def encrypt_existing() -> None:
     """Encrypt plaintext passwords left by the old system (idempotent)."""
-    counts = current_app.extensions["smtp_service"].settings.reencrypt_all(only_plaintext=True)
-    click.echo(_summary(counts))
-    if counts["failed"]:
-        raise SystemExit(1)
+    _reencrypt(only_plaintext=True)
 
 
 @smtp.command("rotate-key")
 @with_appcontext
 def rotate_key() -> None:
     """Re-encrypt every password with the first key of SMTP_ENCRYPTION_KEYS (idempotent)."""
-    counts = current_app.extensions["smtp_service"].settings.reencrypt_all(only_plaintext=False)
-    click.echo(_summary(counts))
-    if counts["failed"]:
-        raise SystemExit(1)
+    _reencrypt(only_plaintext=False)
 
 
 @smtp.command("new-key")
 def generate_key() -> None:
     """Print a fresh key for SMTP_ENCRYPTION_KEYS."""
     click.echo(new_key())
+
+
+def _reencrypt(only_plaintext: bool) -> None:
+    settings = current_app.extensions["smtp_service"].settings
+    counts = settings.reencrypt_all(only_plaintext=only_plaintext)
+    click.echo(_summary(counts))
+    if counts["failed"]:
+        # Name the accounts to look at (the reasons hold no secret); the others were processed.
+        for account_id in settings.files.accounts():
+            try:
+                settings.load(account_id)
+            except StoredSettingsUnusable as exc:
+                click.echo(f"account {account_id}: {exc}", err=True)
+        raise SystemExit(1)
 
 
 def _summary(counts: dict[str, int]) -> str:

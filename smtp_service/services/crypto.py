@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import logging
 import os
+import re
 import secrets
 import tempfile
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 PREFIX = "enc:v1:"
 KEY_FILE_NAME = ".smtp-encryption-key"
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
+_KEY_ID = re.compile(r"[0-9a-f]{8}")
 
 
 class SecretError(Exception):
@@ -79,6 +82,10 @@ class SecretBox:
             data = base64.urlsafe_b64decode(blob)
         except (ValueError, binascii.Error):
             raise SecretError("stored password is malformed") from None
+        # Too short for nonce and tag, or a key id that is not one (it is echoed in the error):
+        # AESGCM would raise ValueError for a short nonce, which callers do not expect.
+        if len(data) < _NONCE_BYTES + _TAG_BYTES or not _KEY_ID.fullmatch(key_id):
+            raise SecretError("stored password is malformed")
         aead = self._keys.get(key_id)
         if aead is None:
             raise SecretError(f"stored password uses unknown key {key_id}")
@@ -119,6 +126,7 @@ def load_or_create_key_file(data_dir: str) -> str:
             os.fsync(handle.fileno())
         try:
             os.link(tmp, path)
+            _fsync_dir(data_dir)  # the key must outlive a crash as surely as what it encrypts
             log.warning(
                 "SMTP_ENCRYPTION_KEYS is not set: created a key in %s; back it up, or set "
                 "SMTP_ENCRYPTION_KEYS in production",
@@ -130,3 +138,11 @@ def load_or_create_key_file(data_dir: str) -> str:
         os.unlink(tmp)
     with open(path, encoding="ascii") as handle:
         return handle.read().strip()
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -13,6 +13,7 @@ from filelock import FileLock
 
 ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 LOCK_TIMEOUT_SECONDS = 10.0
+_TEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")
 DELETE = object()  # returned by an update's change function to remove the document
 
 
@@ -31,6 +32,7 @@ class AccountFiles:
     """JSON documents stored at DATA_DIR/shared-data/{accountId}/{name}."""
 
     def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
         self.root = os.path.join(data_dir, "shared-data")
 
     def folder(self, account_id: str) -> str:
@@ -59,10 +61,14 @@ class AccountFiles:
         `change` gets None for a missing or unparseable document; returning its argument unchanged
         writes nothing.
 
-        Returns what `change` returned. Writers in other processes wait for the lock.
+        Returns what `change` returned. Writers in other processes wait for the lock. A write or
+        delete first removes the document's temporary files left by a writer that was killed.
         """
         folder = self.folder(account_id)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        # os.makedirs gives `mode` to the last folder only (the others get 0777 & ~umask), so
+        # DATA_DIR, shared-data and the account's folder are each made 0700 in turn.
+        for path in (self.data_dir, self.root, folder):
+            os.makedirs(path, mode=0o700, exist_ok=True)
         target = os.path.join(folder, name)
         with FileLock(target + ".lock", timeout=LOCK_TIMEOUT_SECONDS, mode=0o600):
             try:
@@ -74,15 +80,20 @@ class AccountFiles:
                 current = None  # a corrupt document is replaced, never patched
             result = change(current)
             if result is DELETE:
+                _remove_stale_temps(folder, name)
                 if os.path.exists(target):
                     os.unlink(target)
                     _fsync_dir(folder)
             elif result is not current:  # returning the document itself means: leave it as it is
+                _remove_stale_temps(folder, name)
                 _atomic_write(folder, target, result)
             return result
 
     def delete(self, account_id: str, name: str) -> bool:
-        """Remove the document; True when there was one."""
+        """Remove the document; True when there was one. An account without a folder gets
+        none (deleting what was never stored creates nothing)."""
+        if not os.path.isdir(self.folder(account_id)):
+            return False
         existed = False
 
         def _remove(_current: Any | None) -> object:
@@ -99,12 +110,37 @@ class AccountFiles:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if ACCOUNT_ID_PATTERN.fullmatch(n))
+        return sorted(
+            n
+            for n in names
+            if ACCOUNT_ID_PATTERN.fullmatch(n) and os.path.isdir(os.path.join(self.root, n))
+        )
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+def _remove_stale_temps(folder: str, name: str) -> None:
+    """Remove temporary files of this document left by a writer that died before its replace.
+
+    Only the holder of the document's lock writes its temporary files, so under the lock every
+    one found is stale; other documents' temporary files (other locks) are not touched.
+    """
+    prefix = _temp_prefix(name)
+    for entry in os.listdir(folder):
+        # mkstemp's random part is 8 characters of [a-z0-9_]
+        if entry.startswith(prefix) and _TEMP_SUFFIX.fullmatch(entry[len(prefix) :]):
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except FileNotFoundError:
+                pass
 
 
 def _atomic_write(folder: str, target: str, document: Any) -> None:
     data = json.dumps(document, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")  # created 0600
+    name = os.path.basename(target)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(name))  # created 0600
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
