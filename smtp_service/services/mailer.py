@@ -149,9 +149,11 @@ class Mailer:
         except BaseException:
             self.messages.release(account_id, idempotency_key)
             raise
-        if status == 200:
+        if status == 200 or body.get("uncertain"):
+            # Delivered, or perhaps delivered (the content went out, no reply came back):
+            # a retry with this key answers the same and never sends a second copy.
             self.messages.complete(account_id, idempotency_key, status, body)
-        else:  # a failed send may be retried with the same key
+        else:  # nothing was delivered: the same key may be retried
             self.messages.release(account_id, idempotency_key)
         return status, body
 
@@ -269,24 +271,31 @@ class Mailer:
     ) -> tuple[int, dict[str, Any]]:
         message_id = record["message_id"]
         if exc.transport is not None:
-            log.warning(
-                "account %s: %s transport failed: %s", account_id, route.name, exc.transport.text
-            )
+            text = exc.transport.text
+            if exc.uncertain:
+                text += (
+                    " after the message content was sent; the server may have accepted it, "
+                    "so it is not retried"
+                )
+            log.warning("account %s: %s transport failed: %s", account_id, route.name, text)
             self.messages.record(
                 **record,
                 status="failed",
                 accepted=[],
                 rejected=[],
-                smtp_reply=exc.transport.text,
+                smtp_reply=text,
                 duration_ms=duration_ms,
             )
-            return 502, {
+            body = {
                 "success": False,
                 "messageId": message_id,
                 "transport": route.name,
-                "error": f"SMTP send failed: {exc.transport.text}",
+                "error": f"SMTP send failed: {text}",
                 "bounce": None,
             }
+            if exc.uncertain:
+                body["uncertain"] = True
+            return 502, body
         if exc.refused:
             refusals = [
                 classify_smtp_error(email, code, _text(reply))
@@ -296,7 +305,10 @@ class Mailer:
             refusals = [
                 classify_smtp_error(email, exc.code, exc.reply) for email in record["recipients"]
             ]
-        self._suppress_hard(account_id, refusals, message_id)
+        if exc.phase == "rcpt":
+            # Only a refusal of the recipient itself says the address is bad; a refused sender
+            # (MAIL) or a refused message (DATA: policy, content) says nothing about it.
+            self._suppress_hard(account_id, refusals, message_id)
         first = refusals[0]
         self.messages.record(
             **record,

@@ -80,16 +80,6 @@ class _Retry(Exception):
 
 
 @dataclass
-class _Conn:
-    smtp: smtplib.SMTP
-    created: float
-    last_used: float
-    sent: int = 0
-    reused: bool = False
-    healthy: bool = True
-
-
-@dataclass
 class _Slot:
     """The connections of one key."""
 
@@ -97,6 +87,19 @@ class _Slot:
     open: int = 0  # idle + in use + being opened
     retired: bool = False
     cond: threading.Condition | None = None
+
+
+@dataclass
+class _Conn:
+    smtp: smtplib.SMTP
+    created: float
+    last_used: float
+    # The slot that counts this connection. A key retired while the connection was in use may
+    # get a new slot; the connection must not come back into (or be uncounted from) that one.
+    slot: _Slot | None = None
+    sent: int = 0
+    reused: bool = False
+    healthy: bool = True
 
 
 _CRLF = re.compile(rb"\r\n|\r(?!\n)|\n")
@@ -202,18 +205,18 @@ class TransportPool:
             conn.healthy = False  # _Retry, or interrupted mid-transaction: state unknown
             raise
         finally:
-            self._release(key, conn)
+            self._release(conn)
 
     # -- connections -------------------------------------------------------------------------
 
-    def _open(self, endpoint: SmtpEndpoint, phase: str) -> _Conn:
+    def _open(self, endpoint: SmtpEndpoint, phase: str, slot: _Slot | None = None) -> _Conn:
         try:
             smtp = self._connect(endpoint)
         except TransportError as exc:
             raise SendFailed(phase, transport=exc) from None
         now = self._clock()
         self._bump("opened")
-        return _Conn(smtp, created=now, last_used=now)
+        return _Conn(smtp, created=now, last_used=now, slot=slot)
 
     def _expired(self, conn: _Conn, now: float) -> bool:
         return (
@@ -223,14 +226,15 @@ class TransportPool:
         )
 
     def _acquire(self, key: str, endpoint: SmtpEndpoint, fresh: bool = False) -> _Conn:
-        stale: list[_Conn] = []
+        stale: list[_Conn] = []  # closed (QUIT) after the lock is released
         deadline = time.monotonic() + self.acquire_timeout
+        timed_out = False
         with self._lock:
             slot = self._slot(key, stale)
-            assert slot.cond is not None
             while True:
                 if slot.retired:  # forgotten while we waited
                     slot = self._slot(key, stale)
+                assert slot.cond is not None
                 now = self._clock()
                 while slot.idle and not fresh:
                     conn = slot.idle.pop()  # most recently used first: warmest connection
@@ -250,23 +254,27 @@ class TransportPool:
                     break
                 if fresh and slot.idle:  # retrying: give up an idle one for a new connection
                     stale.append(slot.idle.pop(0))
+                    slot.open -= 1
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not slot.cond.wait(remaining):
-                    self._close_all_quietly(stale)
-                    raise SendFailed(
-                        "connect",
-                        transport=TransportError(
-                            "timeout",
-                            f"No SMTP connection to {endpoint.host}:{endpoint.port} became "
-                            f"free within {self.acquire_timeout:g} s",
-                        ),
-                    )
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                slot.cond.wait(remaining)
         self._close_all_quietly(stale)
+        if timed_out:
+            raise SendFailed(
+                "connect",
+                transport=TransportError(
+                    "timeout",
+                    f"No SMTP connection to {endpoint.host}:{endpoint.port} became "
+                    f"free within {self.acquire_timeout:g} s",
+                ),
+            )
         if conn is not None:
             return conn
         try:
-            return self._open(endpoint, "connect")
+            return self._open(endpoint, "connect", slot)
         except BaseException:
             with self._lock:
                 slot.open -= 1
@@ -308,26 +316,20 @@ class TransportPool:
                 self._retire_locked(key, stale)
         self._close_all_quietly(stale)
 
-    def _release(self, key: str, conn: _Conn) -> None:
-        """Back to the idle list when healthy and young enough, else QUIT and close."""
+    def _release(self, conn: _Conn) -> None:
+        """Back to its slot's idle list when healthy, young enough and the slot still in use
+        (not forgotten meanwhile), else QUIT and close."""
         conn.sent += 1
         conn.last_used = self._clock()
+        slot = conn.slot
+        assert slot is not None and slot.cond is not None
         with self._lock:
-            slot = self._slots.get(key)
-            if slot is not None and conn.healthy and not self._expired(conn, conn.last_used):
+            if not slot.retired and conn.healthy and not self._expired(conn, conn.last_used):
                 slot.idle.append(conn)
-                assert slot.cond is not None
                 slot.cond.notify()
                 return
-        self._discard(key, conn)
-
-    def _discard(self, key: str, conn: _Conn) -> None:
-        with self._lock:
-            slot = self._slots.get(key)
-            if slot is not None:
-                slot.open -= 1
-                assert slot.cond is not None
-                slot.cond.notify()
+            slot.open -= 1  # a retired slot's waiters move to the key's new slot
+            slot.cond.notify()
             self._counts["retired"] += 1
         close_quietly(conn.smtp)
 

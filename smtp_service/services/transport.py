@@ -156,12 +156,14 @@ def connect(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> smtp
             conn = _PinnedSMTPSSL(ip, timeout=timeout, context=context)
         else:
             conn = _PinnedSMTP(ip, timeout=timeout)
-        conn.connect(endpoint.host, endpoint.port)
-        conn.ehlo()
+        code, greeting = conn.connect(endpoint.host, endpoint.port)
+        if code != 220:  # e.g. "421 Too many connections": say so, with the server's words
+            raise smtplib.SMTPConnectError(code, greeting)
+        _ehlo(conn)
         if not endpoint.secure:
             if conn.has_extn("starttls"):
                 conn.starttls(context=context)
-                conn.ehlo()
+                _ehlo(conn)
             elif endpoint.require_tls:
                 raise TransportError(
                     "tls",
@@ -177,6 +179,17 @@ def connect(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> smtp
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise describe_failure(exc, endpoint) from None
+
+
+def _ehlo(conn: smtplib.SMTP) -> None:
+    """EHLO, falling back to HELO; a refusal of both is an error, not a server without
+    extensions (which would be misreported as "does not offer STARTTLS")."""
+    code, reply = conn.ehlo()
+    if code == 250:
+        return
+    code, reply = conn.helo()
+    if code != 250:
+        raise smtplib.SMTPHeloError(code, reply)
 
 
 def close_quietly(conn: smtplib.SMTP) -> None:
