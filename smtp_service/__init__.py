@@ -102,7 +102,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     Without test_config the environment (and .env) is read; with it, its string values are
     read as the environment would be (and nothing else is), its other values are set as given.
     """
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: no unauthenticated /static
     if test_config is None:
         from dotenv import load_dotenv
 

@@ -16,6 +16,8 @@ from smtp_service import create_app
 from smtp_service.services.crypto import new_key
 from tests.smtpd import SmtpServer
 
+pytest_plugins = ["tests.log_guard"]
+
 JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER = "mailer@example.com"
 SMTP_PASSWORD = "s3cret-Pa55word!"

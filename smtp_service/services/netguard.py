@@ -95,6 +95,8 @@ class HostGuard:
         Every address the name resolves to must be allowed: a name with one public and one
         private address is refused, so that a later resolution cannot pick the private one.
         """
+        if host.startswith("[") and host.endswith("]"):  # a URL-style IPv6 literal
+            host = host[1:-1]
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError, ValueError):
