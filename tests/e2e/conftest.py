@@ -97,7 +97,9 @@ class LiveService:
             "iat": now,
             "exp": now + 600,
         }
-        return pyjwt.encode(claims, self.jwt_secret, algorithm="HS256")
+        issued = pyjwt.encode(claims, self.jwt_secret, algorithm="HS256")
+        self.secrets.append(issued)  # a bearer token must never reach the logs either
+        return issued
 
     def request(
         self,
