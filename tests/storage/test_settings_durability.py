@@ -1,0 +1,106 @@
+"""Saving settings through the service (encrypt, validate, atomic locked write) survives SIGKILL
+at any moment and concurrent savers in several processes: the file is always one whole save."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from smtp_service.services.crypto import new_key
+from smtp_service.services.settings import SETTINGS_FILE
+from smtp_service.storage.files import AccountFiles
+
+ACCOUNT = "acct-durable"
+
+# A child process: the real app's SettingsService, saving the writer's own settings in a loop
+# (the nth save of writer w has host w-n.example.com, user w@example.com, pass secret-w-n-...).
+_SAVER = """
+import sys
+from smtp_service import create_app
+
+data_dir, key, writer, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+app = create_app({"DATA_DIR": data_dir, "JWT_SECRET_KEY": "x" * 40, "SMTP_ENCRYPTION_KEYS": key,
+                  "SMTP_HOST": "", "LOG_LEVEL": "WARNING"})
+settings = app.extensions["smtp_service"].settings
+print("ready", flush=True)
+n = 0
+while count == 0 or n < count:
+    n += 1
+    settings.save("acct-durable", "user-" + writer, {
+        "host": f"{writer}-{n}.example.com", "port": 587, "secure": False,
+        "user": f"{writer}@example.com", "password": f"secret-{writer}-{n}-" + "p" * 200,
+        "requireTls": True})
+"""
+
+
+def _start(data_dir: str, key: str, writer: str, count: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, data_dir, key, writer, str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _load(data_dir: str, key: str):
+    """The stored settings through a fresh app: parsed, validated and decrypted."""
+    from smtp_service import create_app
+
+    app = create_app({"DATA_DIR": data_dir, "JWT_SECRET_KEY": "x" * 40,
+                      "SMTP_ENCRYPTION_KEYS": key, "SMTP_HOST": ""})
+    return app.extensions["smtp_service"].settings.load(ACCOUNT)
+
+
+def _whole(stored) -> tuple[str, int]:
+    """(writer, n) of a stored save, after checking its fields all come from that one save."""
+    e = stored.endpoint
+    writer, n = e.host.removesuffix(".example.com").rsplit("-", 1)
+    assert e.user == f"{writer}@example.com"
+    assert e.password.reveal() == f"secret-{writer}-{n}-" + "p" * 200
+    assert stored.updated_by == f"user-{writer}"
+    return writer, int(n)
+
+
+def test_sigkill_while_saving_settings_leaves_the_old_or_the_new_save(tmp_path):
+    data_dir, key = str(tmp_path / "data"), new_key()
+    rng = random.Random(7)
+    last = 0
+    deadline = time.monotonic() + 25  # each child starts the app: ~0.5-1.5 s
+    kills = 0
+    while kills < 25 and time.monotonic() < deadline:
+        proc = _start(data_dir, key, "w", 0)
+        time.sleep(rng.uniform(0.01, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        kills += 1
+        path = AccountFiles(data_dir).path(ACCOUNT, SETTINGS_FILE)
+        if not os.path.exists(path):
+            continue  # killed before its first save
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)  # parses: never torn
+        writer, n = _whole(_load(data_dir, key))
+        assert writer == "w" and n >= 1
+        last = n
+    assert kills >= 8
+    assert last >= 1, "no save ever completed: the test did not exercise anything"
+
+
+def test_concurrent_savers_leave_one_whole_save(tmp_path):
+    data_dir, key = str(tmp_path / "data"), new_key()
+    writers = ["alpha", "bravo", "charlie", "delta"]
+    procs = [_start(data_dir, key, w, 40) for w in writers]
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+        proc.stdout.close()
+    writer, n = _whole(_load(data_dir, key))
+    assert writer in writers and n == 40  # the final file is some writer's last save, whole
+    folder = os.path.dirname(AccountFiles(data_dir).path(ACCOUNT, SETTINGS_FILE))
+    assert not [f for f in os.listdir(folder) if ".tmp-" in f]  # no half-written leftovers
