@@ -14,6 +14,8 @@ import tempfile
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from smtp_service.storage.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 PREFIX = "enc:v1:"
@@ -126,7 +128,7 @@ def load_or_create_key_file(data_dir: str) -> str:
             os.fsync(handle.fileno())
         try:
             os.link(tmp, path)
-            _fsync_dir(data_dir)  # the key must outlive a crash as surely as what it encrypts
+            fsync_dir(data_dir)  # the key must outlive a crash as surely as what it encrypts
             log.warning(
                 "SMTP_ENCRYPTION_KEYS is not set: created a key in %s; back it up, or set "
                 "SMTP_ENCRYPTION_KEYS in production",
@@ -138,11 +140,3 @@ def load_or_create_key_file(data_dir: str) -> str:
         os.unlink(tmp)
     with open(path, encoding="ascii") as handle:
         return handle.read().strip()
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -83,7 +83,7 @@ class AccountFiles:
                 _remove_stale_temps(folder, name)
                 if os.path.exists(target):
                     os.unlink(target)
-                    _fsync_dir(folder)
+                    fsync_dir(folder)
             elif result is not current:  # returning the document itself means: leave it as it is
                 _remove_stale_temps(folder, name)
                 _atomic_write(folder, target, result)
@@ -153,10 +153,11 @@ def _atomic_write(folder: str, target: str, document: Any) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
+    """Make a rename or link in `folder` durable (POSIX: fsync the directory itself)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
