@@ -31,6 +31,8 @@ class StrictBoolean(fields.Boolean):
 class NonEmptyString(fields.String):
     """A string that is not empty after trimming and holds no NUL byte."""
 
+    OPENAPI = {"minLength": 1, "pattern": r"\S"}  # what the OpenAPI document says of it
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         if not text.strip():
@@ -53,15 +55,32 @@ def _no_line_breaks(value: str) -> None:
 class SmtpSettingsInput(Schema):
     """POST /api/smtp/settings and POST /api/smtp/test."""
 
-    host = NonEmptyString(required=True, validate=_check_host)
-    port = StrictInteger(required=True, validate=validate.Range(min=1, max=65535))
-    secure = StrictBoolean(load_default=None)
-    user = NonEmptyString(required=True, validate=[validate.Length(max=320), _no_line_breaks])
+    host = NonEmptyString(
+        required=True,
+        validate=_check_host,
+        metadata={
+            "pattern": _HOST_PATTERN.pattern,
+            "maxLength": 253,
+            "example": "smtp.example.com",
+        },
+    )
+    port = StrictInteger(
+        required=True, validate=validate.Range(min=1, max=65535), metadata={"example": 587}
+    )
+    secure = StrictBoolean(load_default=None, metadata={"example": False})
+    user = NonEmptyString(
+        required=True,
+        validate=[validate.Length(max=320), _no_line_breaks],
+        metadata={"example": "user@example.com"},
+    )
     # "pass" is a Python keyword: the attribute is `password`, the JSON key stays "pass".
     password = NonEmptyString(
-        required=True, data_key="pass", validate=[validate.Length(max=1024), _no_line_breaks]
+        required=True,
+        data_key="pass",
+        validate=[validate.Length(max=1024), _no_line_breaks],
+        metadata={"example": "password"},
     )
-    requireTls = StrictBoolean(load_default=True)
+    requireTls = StrictBoolean(load_default=True, metadata={"example": True})
 
     @pre_load
     def _trim_host(self, data: Any, **_kwargs: Any) -> Any:
@@ -145,6 +164,7 @@ class ErrorResponse(Schema):
 
     error = fields.String(required=True)
     details = fields.Dict(keys=fields.String())
+    suppressed = fields.List(fields.String())  # 422 from send-email: the suppressed recipients
 
 
 class HealthResponse(Schema):
@@ -173,13 +193,44 @@ _RESERVED_HEADERS = {
 }
 
 
+# What a header-bound value may not hold: NUL and the other C0 controls but TAB, DEL (the email
+# package sends them raw, RFC 5322 allows none), and every character str.splitlines() ends a
+# line at (the email package folds headers with it: a new header line, or a failure).
+_HEADER_UNSAFE = "\u0000-\u0008\u000a-\u001f\u007f\u0085\u2028\u2029"
+_HEADER_UNSAFE_CHAR = re.compile(f"[{_HEADER_UNSAFE}]")
+_HEADER_SAFE = f"^[^{_HEADER_UNSAFE}]*$"  # the same rule, as the OpenAPI document's pattern
+MAX_MAILBOX_LENGTH = 320  # one address with its display name: well inside a 998-byte line
+MAX_HEADERS = 100
+MAX_HEADER_VALUE_LENGTH = 998
+MAX_ATTACHMENTS = 100
+
+
 def _no_control_chars(value: str) -> None:
-    if any(ch in value for ch in "\r\n\x00"):
-        raise ValidationError("Must not contain CR, LF or NUL characters.")
+    if _HEADER_UNSAFE_CHAR.search(value):
+        raise ValidationError("Must not contain line breaks or control characters.")
+
+
+def _mailbox_schema() -> dict[str, Any]:
+    """An RFC 5322 mailbox, "a@b.example" or "Name <a@b.example>", for the OpenAPI document."""
+    return {
+        "type": "string",
+        "format": "mailbox",
+        "maxLength": MAX_MAILBOX_LENGTH,
+        "pattern": _HEADER_SAFE,
+    }
+
+
+def _address_list_schema(min_items: int = 0) -> dict[str, Any]:
+    many: dict[str, Any] = {"type": "array", "items": _mailbox_schema()}
+    if min_items:
+        many["minItems"] = min_items
+    return {"anyOf": [_mailbox_schema(), many]}
 
 
 class AddressList(fields.Field):
-    """One address or a list of them; each a string without line breaks."""
+    """One address or a list of them; each a single line of at most MAX_MAILBOX_LENGTH."""
+
+    OPENAPI = _address_list_schema()
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
         items = [value] if isinstance(value, str) else value
@@ -187,35 +238,65 @@ class AddressList(fields.Field):
             raise ValidationError("Must be an address or a list of addresses.")
         for item in items:
             _no_control_chars(item)
+            if len(item) > MAX_MAILBOX_LENGTH:
+                raise ValidationError(
+                    f"Each address must be at most {MAX_MAILBOX_LENGTH} characters."
+                )
         return [i.strip() for i in items if i.strip()]
 
 
 class Attachment(Schema):
     """One attachment: base64 content."""
 
-    filename = NonEmptyString(required=True, validate=[validate.Length(max=255), _no_control_chars])
-    content = fields.String(required=True)
+    filename = NonEmptyString(
+        required=True,
+        validate=[validate.Length(max=255), _no_control_chars],
+        metadata={"example": "hello.txt"},
+    )
+    content = fields.String(required=True, metadata={"format": "byte", "example": "aGVsbG8="})
+    # ASCII, and no "text/plain\n" through the regex's "$" (a blank line in the part's header)
     contentType = fields.String(
-        load_default="application/octet-stream", validate=validate.Regexp(r"^[\w.+-]+/[\w.+-]+$")
+        load_default="application/octet-stream",
+        validate=[_no_control_chars, validate.Regexp(r"^[\w.+-]+/[\w.+-]+$", flags=re.ASCII)],
+        metadata={"example": "text/plain"},
     )
 
 
 class HeaderMap(fields.Dict):
     """Extra headers: safe names, single-line values, none of the ones the service sets."""
 
+    OPENAPI = {
+        "maxProperties": MAX_HEADERS,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": MAX_HEADER_VALUE_LENGTH,
+            "pattern": _HEADER_SAFE,
+        },
+    }
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(keys=fields.String(), values=fields.String(), **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict:
         headers = super()._deserialize(value, attr, data, **kwargs)
+        if len(headers) > MAX_HEADERS:
+            raise ValidationError(f"At most {MAX_HEADERS} headers.")
         problems = []
         for name, text in headers.items():
+            shown = name if len(name) <= 40 else name[:40] + "..."  # never echo a huge name
             if not _HEADER_NAME.fullmatch(name):
-                problems.append(f"Invalid header name {name!r}.")
-            elif name.lower() in _RESERVED_HEADERS:
+                problems.append(f"Invalid header name {shown!r}.")
+                continue
+            if name.lower() in _RESERVED_HEADERS:
                 problems.append(f"Header {name} cannot be set here.")
-            if any(ch in text for ch in "\r\n\x00"):
-                problems.append(f"Header {name} must not contain CR, LF or NUL characters.")
+            if _HEADER_UNSAFE_CHAR.search(text):
+                problems.append(
+                    f"Header {name} must not contain line breaks or control characters."
+                )
+            elif len(text) > MAX_HEADER_VALUE_LENGTH:
+                problems.append(
+                    f"Header {name} must be at most {MAX_HEADER_VALUE_LENGTH} characters."
+                )
         if problems:
             raise ValidationError(problems)
         return headers
@@ -224,17 +305,41 @@ class HeaderMap(fields.Dict):
 class SendEmailInput(Schema):
     """POST /api/messages/send-email."""
 
-    from_ = fields.String(required=True, data_key="from", validate=_no_control_chars)
-    to = AddressList(required=True)
-    cc = AddressList(load_default=list)
-    bcc = AddressList(load_default=list)
-    replyTo = AddressList(load_default=list)
-    subject = fields.String(required=True, validate=[validate.Length(max=998), _no_control_chars])
-    text = fields.String(load_default=None)
-    html = fields.String(load_default=None)
-    headers = HeaderMap(load_default=dict)
-    attachments = fields.List(fields.Nested(Attachment), load_default=list)
-    trackOpens = StrictBoolean(load_default=True)
+    # what the OpenAPI document says of the whole body (see _needs_a_body)
+    OPENAPI = {
+        "anyOf": [
+            {"required": ["text"], "properties": {"text": {"type": "string"}}},
+            {"required": ["html"], "properties": {"html": {"type": "string"}}},
+        ]
+    }
+
+    from_ = fields.String(
+        required=True,
+        data_key="from",
+        validate=[_no_control_chars, validate.Length(max=MAX_MAILBOX_LENGTH)],
+        metadata={**_mailbox_schema(), "example": "Sender <sender@example.com>"},
+    )
+    to = AddressList(
+        required=True,
+        metadata={**_address_list_schema(min_items=1), "example": ["rcpt@example.net"]},
+    )
+    cc = AddressList(load_default=list, metadata={"example": []})
+    bcc = AddressList(load_default=list, metadata={"example": []})
+    replyTo = AddressList(load_default=list, metadata={"example": "replies@example.com"})
+    subject = fields.String(
+        required=True,
+        validate=[validate.Length(max=998), _no_control_chars],
+        metadata={"pattern": _HEADER_SAFE, "example": "Hello"},
+    )
+    text = fields.String(load_default=None, metadata={"example": "Hi there"})
+    html = fields.String(load_default=None, metadata={"example": "<p>Hi there</p>"})
+    headers = HeaderMap(load_default=dict, metadata={"example": {"X-Campaign": "welcome"}})
+    attachments = fields.List(
+        fields.Nested(Attachment),
+        load_default=list,
+        validate=validate.Length(max=MAX_ATTACHMENTS, error="At most {max} attachments."),
+    )
+    trackOpens = StrictBoolean(load_default=True, metadata={"example": True})
 
     @post_load
     def _needs_a_body(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
@@ -314,8 +419,16 @@ class MessageRecord(Schema):
 class SenderInput(Schema):
     """POST /api/senders."""
 
-    email = fields.String(required=True, validate=_no_control_chars)
-    name = fields.String(load_default=None, validate=[validate.Length(max=200), _no_control_chars])
+    email = fields.String(
+        required=True,
+        validate=[_no_control_chars, validate.Length(max=MAX_MAILBOX_LENGTH)],
+        metadata={**_mailbox_schema(), "example": "sender@example.com"},
+    )
+    name = fields.String(
+        load_default=None,
+        validate=[validate.Length(max=200), _no_control_chars],
+        metadata={"example": "Sender"},
+    )
 
 
 class Sender(Schema):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,6 +23,13 @@ def json_body(schema: Schema) -> dict[str, Any]:
     """The request's JSON object, loaded through `schema`; a JSON error for anything else."""
     if not request.is_json:
         raise ApiError("Content-Type must be application/json", 415)
+    # A body over MAX_CONTENT_LENGTH with a Content-Length is refused (413) as it is read; a
+    # streamed one (chunked, no Content-Length) is cut at the limit instead, and would then
+    # fail as malformed JSON: refuse it as too large.
+    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        raise ApiError("Request body too large", 413)
     try:
         data = request.get_json(silent=True)
     except RecursionError:
@@ -30,17 +38,61 @@ def json_body(schema: Schema) -> dict[str, Any]:
         raise ApiError("Malformed JSON body", 400)
     if not isinstance(data, dict):
         raise ValidationFailed({"_schema": ["Expected a JSON object."]})
+    _refuse_unusable_strings(data)
     return schema.load(data)
+
+
+# JSON may carry NUL (\u0000) and unpaired surrogates (\ud800); neither belongs in any field,
+# and a surrogate cannot even be encoded for a message, a file or the database.
+_UNUSABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _refuse_unusable_strings(data: dict[str, Any]) -> None:
+    """400 naming the field of the first string (or key) with a NUL or an unpaired surrogate."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while stack:  # iterative: the parser already allows nesting deeper than a recursive walk
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _UNUSABLE.search(key):
+                    _refuse(path, key)
+                stack.append(((*path, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*path, str(i)), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and _UNUSABLE.search(value):
+            _refuse(path, value)
+
+
+def _refuse(path: tuple[str, ...], text: str) -> None:
+    message: Any = [
+        "Must not contain NUL characters."
+        if "\x00" in text
+        else "Must not contain unpaired surrogates (invalid Unicode)."
+    ]
+    for key in reversed(path):  # nested like marshmallow's: {"attachments": {"0": {...}}}
+        message = {key: message}
+    raise ValidationFailed(message if path else {"_schema": message})
+
+
+# What a documented status answers: a schema (JSON), several schemas (JSON, any of them), a
+# media type (a binary body of that type), or None (a body left undescribed).
+ResponseDoc = type[Schema] | tuple[type[Schema], ...] | str | None
 
 
 def documented(
     summary: str,
     *,
     body: type[Schema] | None = None,
-    responses: dict[int, type[Schema] | None],
+    responses: dict[int, ResponseDoc],
     auth: bool = True,
+    headers: dict[str, dict[str, Any]] | None = None,
 ) -> Callable[[F], F]:
-    """Attach the OpenAPI description of a view, built from its schemas."""
+    """Attach the OpenAPI description of a view, built from its schemas.
+
+    The generator adds the answers every such view can give on its own: 401 when `auth`,
+    400/413/415 when it takes a `body`, 404 when its path has parameters. `headers` maps
+    an optional request header to its JSON Schema.
+    """
 
     def _mark(view: F) -> F:
         view.__openapi__ = {  # type: ignore[attr-defined]
@@ -48,6 +100,7 @@ def documented(
             "body": body,
             "responses": responses,
             "auth": auth,
+            "headers": headers or {},
         }
         return view
 

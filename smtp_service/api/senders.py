@@ -8,6 +8,7 @@ from smtp_service.api import documented, json_body, services
 from smtp_service.auth import current_caller
 from smtp_service.errors import NotFound
 from smtp_service.schemas import (
+    MAX_MAILBOX_LENGTH,
     ErrorResponse,
     MessageResponse,
     Sender,
@@ -54,6 +55,8 @@ def add_sender():
 def remove_sender(email: str):
     """DELETE /api/senders/<email>."""
     caller = current_caller()
+    if len(email) > MAX_MAILBOX_LENGTH:  # never added (POST refuses it), and not echoed back
+        raise NotFound(f"Sender {_shown(email)} not found")
     services().senders.remove(caller.account_id, email)
     return jsonify({"message": f"Sender {email} removed"})
 
@@ -77,6 +80,13 @@ def list_suppressions():
 def remove_suppression(email: str):
     """DELETE /api/suppressions/<email>."""
     caller = current_caller()
-    if not services().messages.unsuppress(caller.account_id, email):
-        raise NotFound(f"{email} is not suppressed")
+    if len(email) > MAX_MAILBOX_LENGTH or not services().messages.unsuppress(
+        caller.account_id, email
+    ):
+        raise NotFound(f"{_shown(email)} is not suppressed")
     return jsonify({"message": f"{email} removed from the suppression list"})
+
+
+def _shown(text: str) -> str:
+    """A path value as an error message may quote it: never more than 100 characters."""
+    return text if len(text) <= 100 else text[:100] + "..."

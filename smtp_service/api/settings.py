@@ -66,7 +66,7 @@ class SettingsResource(MethodView):
     body=SmtpSettingsInput,
     responses={
         200: ConnectionTestResponse,
-        400: ConnectionTestResponse,
+        400: (ConnectionTestResponse, ErrorResponse),  # the test failed, or the body did
         413: ErrorResponse,
         415: ErrorResponse,
         **_AUTH_ERRORS,

@@ -14,7 +14,7 @@ PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRA
 
 
 @bp.get("/t/open/<string:token>.gif")
-@documented("Open-tracking pixel (1x1 GIF)", responses={200: None}, auth=False)
+@documented("Open-tracking pixel (1x1 GIF)", responses={200: "image/gif"}, auth=False)
 def open_pixel(token: str):
     """Record an open for a valid token; answer the same GIF to everyone."""
     services().mailer.record_open(token)
