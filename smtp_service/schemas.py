@@ -387,6 +387,12 @@ class SendFailedResponse(Schema):
     messageId = fields.String()
     transport = fields.String()
     bounce = fields.Nested(Bounce, allow_none=True)
+    uncertain = fields.Boolean(
+        metadata={
+            "description": "Present (true) when the connection failed after the content was "
+            "sent: the server may have the message, so it is not retried."
+        }
+    )
 
 
 class MessageEvent(Schema):

@@ -3,6 +3,7 @@ bounded timeouts, and failures turned into texts that say what broke and never h
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import socket
 import ssl
@@ -171,7 +172,7 @@ def connect(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> smtp
                     "and TLS is required; no credentials were sent",
                 )
         if endpoint.user and endpoint.password:
-            conn.login(endpoint.user, endpoint.password.reveal())
+            _login(conn, endpoint.user, endpoint.password.reveal())
         return conn
     except BaseException as exc:
         if conn is not None:
@@ -179,6 +180,25 @@ def connect(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> smtp
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise describe_failure(exc, endpoint) from None
+
+
+def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
+    """AUTH with smtplib's choice of mechanism; non-ASCII credentials (which smtplib can only
+    encode as ASCII) go as AUTH PLAIN in UTF-8, as RFC 4616 defines it."""
+    if user.isascii() and password.isascii():
+        conn.login(user, password)
+        return
+    offered = conn.esmtp_features.get("auth", "").upper().split()
+    if "PLAIN" not in offered:
+        raise TransportError(
+            "auth",
+            "Authentication failed (the server does not offer AUTH PLAIN, which a user name "
+            "or password with non-ASCII characters needs)",
+        )
+    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode()).decode()
+    code, reply = conn.docmd("AUTH", "PLAIN " + token)
+    if code != 235:
+        raise smtplib.SMTPAuthenticationError(code, reply)
 
 
 def _ehlo(conn: smtplib.SMTP) -> None:

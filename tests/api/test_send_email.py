@@ -308,3 +308,13 @@ def test_no_server_at_all_is_503(app_config, tokens):
     client = create_app(config).test_client()
     r = _send(client, tokens, **{"from": GLOBAL_FROM})
     assert r.status_code == 503
+
+
+def test_display_names_are_bounded(client, tokens, smtp_server):
+    _use(client, tokens, smtp_server)
+    long_name = "Ä" * 129
+    r = _send(client, tokens, to=f"{long_name} <rcpt@example.net>")
+    assert r.status_code == 400 and "Display name longer than 128" in r.json["details"]["to"][0]
+    r = _send(client, tokens, to=f"{'Ä' * 128} <rcpt@example.net>")
+    assert r.status_code == 200, r.json
+    assert len(smtp_server.messages) == 1

@@ -143,3 +143,17 @@ def test_unresolvable_host(client, tokens):
     assert body["error"] == (
         "SMTP connection test failed: DNS lookup failed for no-such-host.invalid"
     )
+
+
+def test_non_ascii_credentials_go_as_utf8_auth_plain(client, tokens, smtp_factory):
+    user, password = "jörg@exämple.com", "pässwörd-ünïcode-1"
+    server = smtp_factory("starttls", users={user: password})
+    status, body = _test(client, tokens, settings_body(server, user=user, **{"pass": password}))
+    assert (status, body["success"]) == (200, True), body
+    assert server.auth_attempts == [(user, True)]
+    status, body = _test(client, tokens,
+                         settings_body(server, user=user, **{"pass": password + "x"}))
+    assert status == 400 and body["error"].startswith(
+        "SMTP connection test failed: Authentication failed (535")
+    assert password not in body["error"]
+    assert server.auth_attempts[-1] == (user, False)
