@@ -6,6 +6,7 @@ Prints the number of messages received when stopped (SIGTERM/SIGINT).
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import ssl
 import threading
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--user", required=True)
     parser.add_argument("--password", required=True)
     args = parser.parse_args()
+    logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's deprecation chatter
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(args.cert, args.key)
 
