@@ -9,6 +9,19 @@ from dotenv import load_dotenv
 
 load_dotenv()
 
+
+def _check_configuration() -> None:
+    """Refuse to start, with a one-line reason, before any worker is forked."""
+    from smtp_service.config import ConfigError, load_config
+
+    try:
+        load_config()
+    except ConfigError as exc:
+        sys.exit(f"smtp-service: configuration error: {exc}")
+
+
+_check_configuration()
+
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"

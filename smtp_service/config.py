@@ -84,6 +84,22 @@ def _public_key(env: Mapping[str, str]) -> str | None:
         raise ConfigError(f"JWT_PUBLIC_KEY file {raw!r} cannot be read: {exc.strerror}") from None
 
 
+def _log_level(env: Mapping[str, str]) -> str:
+    level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL: {level!r}")
+    return level
+
+
+def _base_url(env: Mapping[str, str]) -> str:
+    url = env.get("PUBLIC_BASE_URL", "").strip()
+    if not url:
+        return f"http://{env.get('BIND', '').strip() or '127.0.0.1:8000'}"
+    if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+        raise ConfigError(f"PUBLIC_BASE_URL must be an http:// or https:// URL, not {url!r}")
+    return url.rstrip("/")
+
+
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
     env = os.environ if env is None else env
@@ -130,12 +146,10 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SMTP_HOST_ALLOWLIST": _allowlist(env),
         "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
         "MAX_CONTENT_LENGTH": max_request,
+        "LOG_LEVEL": _log_level(env),
         "MAX_MESSAGE_BYTES": _int(env, "MAX_MESSAGE_BYTES", 10 * 1024 * 1024, 1024, 1024**3),
         "MAX_RECIPIENTS": _int(env, "MAX_RECIPIENTS", 50, 1, 10000),
-        "PUBLIC_BASE_URL": (
-            env.get("PUBLIC_BASE_URL", "").strip()
-            or f"http://{env.get('BIND', '').strip() or '127.0.0.1:8000'}"
-        ).rstrip("/"),
+        "PUBLIC_BASE_URL": _base_url(env),
         "SMTP_POOL_SIZE": _int(env, "SMTP_POOL_SIZE", 3, 0, 100),
         "SMTP_POOL_MAX_MESSAGES": _int(env, "SMTP_POOL_MAX_MESSAGES", 100, 1, 1_000_000),
         "SMTP_POOL_IDLE_SECONDS": _float(env, "SMTP_POOL_IDLE_SECONDS", 60.0, 0.1, 86400.0),
