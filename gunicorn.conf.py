@@ -54,7 +54,8 @@ def on_starting(server):
         SMTP_USER="",
         SMTP_PASS="",
     )
-    os.environ.setdefault("SMTP_FROM", "dev@localhost")
+    if not os.environ.get("SMTP_FROM"):  # .env.example leaves it empty
+        os.environ["SMTP_FROM"] = "dev@example.com"
     server.log.info("SMTP_HOST not set: development mail catcher on 127.0.0.1:%s", port)
 
 
