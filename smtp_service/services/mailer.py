@@ -132,6 +132,7 @@ class Mailer:
         self, account_id: str, data: dict[str, Any], idempotency_key: str | None = None
     ) -> tuple[int, dict[str, Any]]:
         """Send, answering (status, body); idempotent replays answer the first response."""
+        self._check_counts(data)
         if idempotency_key is None:
             return self._send(account_id, data)
         body_hash = hashlib.sha256(
@@ -156,6 +157,17 @@ class Mailer:
         else:  # nothing was delivered: the same key may be retried
             self.messages.release(account_id, idempotency_key)
         return status, body
+
+    def _check_counts(self, data: dict[str, Any]) -> None:
+        """Counted as given, before any address is parsed or a header built: 10,000 entries (or
+        one address 10,000 times) would cost seconds of parsing and folding first."""
+        limit = self.max_recipients
+        if len(data["to"]) + len(data["cc"]) + len(data["bcc"]) > limit:
+            raise ValidationFailed(
+                {"to": [f"At most {limit} recipients (to, cc and bcc together)."]}
+            )
+        if len(data["replyTo"]) > limit:
+            raise ValidationFailed({"replyTo": [f"At most {limit} addresses."]})
 
     def _send(self, account_id: str, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         sender = parse_mailbox(data["from_"], "from")
