@@ -73,6 +73,16 @@ def smtp_factory(server_tls) -> Iterator[Any]:
 
 
 @pytest.fixture
+def servers(server_tls) -> Iterator[Any]:
+    """Fault-injecting servers on demand (tests/smtpd_faults.py); all stopped at the end."""
+    from tests.smtpd_faults import FaultyServers
+
+    made = FaultyServers(server_tls, {SMTP_USER: SMTP_PASSWORD})
+    yield made
+    made.stop_all()
+
+
+@pytest.fixture
 def smtp_server(smtp_factory) -> SmtpServer:
     """A STARTTLS-required, AUTH-required server (the common real-world setup)."""
     return smtp_factory("starttls")

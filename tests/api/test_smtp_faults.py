@@ -10,18 +10,11 @@ import time
 import pytest
 
 from tests.conftest import SMTP_PASSWORD, SMTP_USER, settings_body
-from tests.smtpd_faults import FaultyServer, FaultyServers, bad_tls_context
+from tests.smtpd_faults import FaultyServer, bad_tls_context
 
 TIMEOUT = 1.5  # SMTP_TIMEOUT for these tests
 BOUND = TIMEOUT * 2 + 1  # an answer must come within this, whatever the server does
 RCPT = "rcpt@example.net"
-
-
-@pytest.fixture
-def servers(server_tls):
-    made = FaultyServers(server_tls, {SMTP_USER: SMTP_PASSWORD})
-    yield made
-    made.stop_all()
 
 
 @pytest.fixture

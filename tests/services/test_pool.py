@@ -14,19 +14,12 @@ from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import Delivery, Envelope, SendFailed, TransportPool
 from smtp_service.services.transport import Secret, SmtpEndpoint, connect
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
-from tests.smtpd_faults import FaultyServer, FaultyServers
+from tests.smtpd_faults import FaultyServer
 
 TIMEOUT = 1.0  # the pool's SMTP timeout: connect and each read/write
 GUARD = HostGuard(("127.0.0.1/32", "localhost"))
 KEY = "acct-a:fp-1"
 _serial = itertools.count(1)
-
-
-@pytest.fixture
-def servers(server_tls):
-    made = FaultyServers(server_tls, {SMTP_USER: SMTP_PASSWORD})
-    yield made
-    made.stop_all()
 
 
 @pytest.fixture
