@@ -21,6 +21,16 @@ pytest_plugins = ["tests.log_guard"]
 JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER = "mailer@example.com"
 SMTP_PASSWORD = "s3cret-Pa55word!"
+# GET /api/smtp/settings for the spec's example settings (smtp.example.com:587, user@example.com)
+SPEC_EXAMPLE_VIEW = {
+    "host": "smtp.example.com",
+    "port": 587,
+    "secure": False,
+    "user": "user@example.com",
+    "hasPassword": True,
+    "isGlobal": False,
+    "requireTls": True,
+}
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from smtp_service import create_app
 from smtp_service.services.crypto import SecretBox, SecretError, new_key
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, SPEC_EXAMPLE_VIEW
 
 LEGACY_PASSWORD = "old-system-Pa55word!"
 CIPHERTEXT = re.compile(r"^enc:v1:([0-9a-f]{8}):[A-Za-z0-9_-]+=*$")
@@ -148,15 +148,7 @@ def test_legacy_plaintext_file_loads_and_encrypt_existing_converts_it(
     app, runner, app_config, tokens, debug_logs
 ):
     path = write_raw(app, "acct-old", legacy_document())
-    expected_view = {
-        "host": "smtp.example.com",
-        "port": 587,
-        "secure": False,
-        "user": "user@example.com",
-        "hasPassword": True,
-        "isGlobal": False,
-        "requireTls": True,
-    }
+    expected_view = SPEC_EXAMPLE_VIEW
     assert get_settings(app, tokens, "acct-old") == expected_view  # the old file still works
 
     # An account saved through the API is already encrypted: left alone.

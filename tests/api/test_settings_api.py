@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import SMTP_PASSWORD, settings_body
+from tests.conftest import SMTP_PASSWORD, SPEC_EXAMPLE_VIEW, settings_body
 
 SPEC_BODY = {
     "host": "smtp.example.com",
@@ -56,15 +56,7 @@ def test_save_get_delete_round_trip_matches_the_spec(client, tokens, app):
     assert saved["updatedAt"].endswith("Z") and len(saved["updatedAt"]) == 24
 
     r = client.get("/api/smtp/settings", headers=headers)
-    assert r.json == {
-        "host": "smtp.example.com",
-        "port": 587,
-        "secure": False,
-        "user": "user@example.com",
-        "hasPassword": True,
-        "isGlobal": False,
-        "requireTls": True,
-    }
+    assert r.json == SPEC_EXAMPLE_VIEW
 
     with open(_settings_file(app, "acct-a")) as handle:
         stored = json.load(handle)

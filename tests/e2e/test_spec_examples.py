@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from tests.conftest import SPEC_EXAMPLE_VIEW
 from tests.e2e.conftest import LiveService
 
 pytestmark = pytest.mark.e2e
@@ -68,15 +69,7 @@ def test_spec_examples_round_trip(live_service: LiveService) -> None:
     # 1. Get: the spec's shape, never the password.
     r = live.request("GET", "/api/smtp/settings", token=token)
     assert r.status == 200, r.text
-    assert r.json == {
-        "host": "smtp.example.com",
-        "port": 587,
-        "secure": False,
-        "user": "user@example.com",
-        "hasPassword": True,
-        "isGlobal": False,
-        "requireTls": True,
-    }
+    assert r.json == SPEC_EXAMPLE_VIEW
 
     # 3. Test: the host does not resolve, so the spec's failure shape.
     r = live.request("POST", "/api/smtp/test", SPEC_BODY, token=token)
@@ -126,15 +119,7 @@ def test_every_worker_sees_saved_and_deleted_settings(live_service: LiveService)
     """WEB_CONCURRENCY=2: a save or delete in one worker is what every later request sees."""
     live = live_service
     token = live.token(ACCOUNT, USER)
-    expected = {
-        "host": "smtp.example.com",
-        "port": 587,
-        "secure": False,
-        "user": "user@example.com",
-        "hasPassword": True,
-        "isGlobal": False,
-        "requireTls": True,
-    }
+    expected = SPEC_EXAMPLE_VIEW
     # Warm both workers with the global view first, so a stale per-worker cache would show.
     for _ in range(10):
         assert live.request("GET", "/api/smtp/settings", token=token).json["isGlobal"] is True
