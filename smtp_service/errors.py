@@ -12,6 +12,11 @@ from werkzeug.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 
+def shown(text: str, limit: int) -> str:
+    """A client's value as an error message may quote it: at most `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ApiError(Exception):
     """An error raised on purpose: it carries its HTTP status and a message safe to show."""
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate
 
+from smtp_service.errors import shown
+
 _HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)$")
 
 
@@ -283,9 +285,8 @@ class HeaderMap(fields.Dict):
             raise ValidationError(f"At most {MAX_HEADERS} headers.")
         problems = []
         for name, text in headers.items():
-            shown = name if len(name) <= 40 else name[:40] + "..."  # never echo a huge name
-            if not _HEADER_NAME.fullmatch(name):
-                problems.append(f"Invalid header name {shown!r}.")
+            if not _HEADER_NAME.fullmatch(name):  # never echo a huge name whole
+                problems.append(f"Invalid header name {shown(name, 40)!r}.")
                 continue
             if name.lower() in _RESERVED_HEADERS:
                 problems.append(f"Header {name} cannot be set here.")

@@ -6,7 +6,7 @@ from flask import Blueprint, jsonify
 
 from smtp_service.api import documented, json_body, services
 from smtp_service.auth import current_caller
-from smtp_service.errors import NotFound
+from smtp_service.errors import NotFound, shown
 from smtp_service.schemas import (
     MAX_MAILBOX_LENGTH,
     ErrorResponse,
@@ -56,7 +56,7 @@ def remove_sender(email: str):
     """DELETE /api/senders/<email>."""
     caller = current_caller()
     if len(email) > MAX_MAILBOX_LENGTH:  # never added (POST refuses it), and not echoed back
-        raise NotFound(f"Sender {_shown(email)} not found")
+        raise NotFound(f"Sender {shown(email, 100)} not found")
     services().senders.remove(caller.account_id, email)
     return jsonify({"message": f"Sender {email} removed"})
 
@@ -83,10 +83,6 @@ def remove_suppression(email: str):
     if len(email) > MAX_MAILBOX_LENGTH or not services().messages.unsuppress(
         caller.account_id, email
     ):
-        raise NotFound(f"{_shown(email)} is not suppressed")
+        raise NotFound(f"{shown(email, 100)} is not suppressed")
     return jsonify({"message": f"{email} removed from the suppression list"})
 
-
-def _shown(text: str) -> str:
-    """A path value as an error message may quote it: never more than 100 characters."""
-    return text if len(text) <= 100 else text[:100] + "..."

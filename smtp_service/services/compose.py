@@ -15,7 +15,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
-from smtp_service.errors import ValidationFailed
+from smtp_service.errors import ValidationFailed, shown
 
 
 class _CachedHeaderRegistry(HeaderRegistry):
@@ -57,24 +57,21 @@ class Mailbox:
 MAX_DISPLAY_NAME = 128  # folding a long non-ASCII name costs ~0.6 ms a character
 
 
-def _shown(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def parse_mailbox(text: str, field: str) -> Mailbox:
     """'a@b.example' or 'Name <a@b.example>' -> Mailbox; ValidationFailed naming the field."""
     pairs = getaddresses([text])
     if len(pairs) != 1 or not pairs[0][1]:
-        raise ValidationFailed({field: [f"Invalid email address: {_shown(text)}"]})
+        raise ValidationFailed({field: [f"Invalid email address: {shown(text, 80)}"]})
     name, addr = pairs[0]
     if len(name) > MAX_DISPLAY_NAME:
         raise ValidationFailed(
-            {field: [f"Display name longer than {MAX_DISPLAY_NAME} characters: {_shown(name)}"]}
+            {field: [f"Display name longer than {MAX_DISPLAY_NAME} characters: {shown(name, 80)}"]}
         )
     try:
         checked = validate_email(addr, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
-        raise ValidationFailed({field: [f"Invalid email address {_shown(addr)}: {exc}"]}) from None
+        message = f"Invalid email address {shown(addr, 80)}: {exc}"
+        raise ValidationFailed({field: [message]}) from None
     return Mailbox(name, checked.ascii_email or checked.normalized)
 
 
