@@ -175,11 +175,7 @@ class Mailer:
         cc = parse_mailboxes(data["cc"], "cc")
         bcc = parse_mailboxes(data["bcc"], "bcc")
         reply_to = parse_mailboxes(data["replyTo"], "replyTo")
-        recipients = _unique([m.address for m in to + cc + bcc])
-        if len(recipients) > self.max_recipients:
-            raise ValidationFailed(
-                {"to": [f"At most {self.max_recipients} recipients (to, cc and bcc together)."]}
-            )
+        recipients = _unique([m.address for m in to + cc + bcc])  # _check_counts bounded them
         suppressed = self.messages.suppressed(account_id, recipients)
         if suppressed:
             raise ApiError(
