@@ -135,6 +135,7 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "JWT_DECODE_ISSUER": env.get("JWT_ISSUER", "").strip() or None,
         "JWT_DECODE_AUDIENCE": env.get("JWT_AUDIENCE", "").strip() or None,
         "JWT_TOKEN_LOCATION": ["headers"],
+        "JWT_CACHE_SIZE": _int(env, "JWT_CACHE_SIZE", 4096, 0, 1_000_000),
         "SMTP_HOST": smtp_host,
         "SMTP_PORT": smtp_port,
         "SMTP_SECURE": smtp_secure,
