@@ -1,0 +1,110 @@
+"""Headers written directly (no registry parse) read back exactly as the registry's would."""
+
+from __future__ import annotations
+
+import email
+from email import policy
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smtp_service.services.compose import Mailbox, build_message
+
+PRINTABLE_ASCII = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=128)
+ANY_TEXT = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=80
+)
+
+
+def _build(sender: Mailbox, to: list[Mailbox], subject: str = "s", **kw) -> bytes:
+    args = {
+        "message_id": "abc@example.com",
+        "sender": sender,
+        "to": to,
+        "cc": [],
+        "reply_to": [],
+        "subject": subject,
+        "text": "body",
+        "html": None,
+        "headers": {},
+        "attachments": [],
+        "smtputf8": False,
+    }
+    return build_message(**{**args, **kw})
+
+
+def _read(raw: bytes):
+    return email.message_from_bytes(raw, policy=policy.default)
+
+
+def _registry_built(name: str, subject: str) -> bytes:
+    """The same message with every value parsed by the registry (the slow path)."""
+    from email.message import EmailMessage
+
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"] = Mailbox(name, "a@example.com").header()
+    msg["Subject"] = subject
+    msg.set_content("body")
+    return msg.as_bytes()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=PRINTABLE_ASCII | ANY_TEXT, subject=PRINTABLE_ASCII | ANY_TEXT)
+def test_names_and_subjects_read_back_as_the_registry_writes_them(name, subject):
+    ours = _read(_build(Mailbox(name, "a@example.com"), [Mailbox("", "b@example.com")], subject))
+    theirs = _read(_registry_built(name, subject))
+    assert ours["From"].addresses[0].addr_spec == "a@example.com"
+    assert ours["From"].addresses[0].display_name == theirs["From"].addresses[0].display_name
+    assert ours["Subject"] == theirs["Subject"]
+
+
+def test_specials_in_a_name_are_quoted_and_escaped():
+    raw = _build(Mailbox('Smith, "J" \\ Co.', "a@example.com"), [Mailbox("", "b@example.com")])
+    assert b'From: "Smith, \\"J\\" \\\\ Co." <a@example.com>\r\n' in raw
+    assert _read(raw)["From"].addresses[0].display_name == 'Smith, "J" \\ Co.'
+
+
+def test_a_plain_name_is_written_without_quotes():
+    raw = _build(Mailbox("Jane Doe", "a@example.com"), [Mailbox("", "b@example.com")])
+    assert b"From: Jane Doe <a@example.com>\r\n" in raw
+
+
+def test_long_recipient_lists_are_still_folded():
+    to = [Mailbox(f"Recipient {i}", f"r{i}@example.com") for i in range(50)]
+    raw = _build(Mailbox("", "a@example.com"), to)
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    assert [a.addr_spec for a in _read(raw)["To"].addresses] == [m.address for m in to]
+
+
+def test_an_encoded_word_look_alike_is_left_to_the_registry():
+    subject = "=?utf-8?q?caf=C3=A9?= literally"
+    parsed = _read(_build(Mailbox("", "a@example.com"), [Mailbox("", "b@example.com")], subject))
+    assert parsed["Subject"] == _read(_registry_built("", subject))["Subject"]
+
+
+def test_date_is_numeric_utc_and_message_id_is_bracketed():
+    parsed = _read(_build(Mailbox("", "a@example.com"), [Mailbox("", "b@example.com")]))
+    assert parsed["Date"].endswith("+0000")
+    assert parsed["Message-ID"] == "<abc@example.com>"
+    assert parsed["MIME-Version"] == "1.0"
+    assert parsed.get_content_type() == "text/plain"
+    assert parsed.get_content_charset() == "utf-8"
+
+
+def test_text_html_and_attachment_structure():
+    raw = _build(
+        Mailbox("", "a@example.com"),
+        [Mailbox("", "b@example.com")],
+        html="<p>h\u00e9</p>",
+        text="t\u00e9",
+        attachments=[("r.pdf", "application/pdf", b"%PDF-1")],
+    )
+    parsed = _read(raw)
+    assert parsed.get_content_type() == "multipart/mixed"
+    alternative, attachment = parsed.iter_parts()
+    assert [p.get_content_type() for p in alternative.iter_parts()] == ["text/plain", "text/html"]
+    contents = [p.get_content() for p in alternative.iter_parts()]
+    assert contents == ["t\u00e9\r\n", "<p>h\u00e9</p>\r\n"]
+    assert attachment.get_filename() == "r.pdf"
+    assert attachment.get_content() == b"%PDF-1"
