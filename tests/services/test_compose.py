@@ -108,3 +108,44 @@ def test_text_html_and_attachment_structure():
     assert contents == ["t\u00e9\r\n", "<p>h\u00e9</p>\r\n"]
     assert attachment.get_filename() == "r.pdf"
     assert attachment.get_content() == b"%PDF-1"
+
+
+def _plain_stdlib(text: str | None, html: str | None) -> bytes:
+    """The same body built by EmailMessage with the stock SMTP policy."""
+    from email.message import EmailMessage
+
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"] = "a@example.com"
+    if text is not None:
+        msg.set_content(text)
+    if html is not None:
+        if text is not None:
+            msg.add_alternative(html, subtype="html")
+        else:
+            msg.set_content(html, subtype="html")
+    return msg.as_bytes()
+
+
+def _parts(raw: bytes) -> list[tuple[str, str, str]]:
+    return [
+        (p.get_content_type(), p["Content-Transfer-Encoding"], p.get_content())
+        for p in _read(raw).walk()
+        if not p.is_multipart()
+    ]
+
+
+BODY = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300) | st.lists(
+    st.sampled_from(["a", " ", "\n", "\u00e9", "=", ".", "x" * 90])
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.none() | BODY, html=st.none() | BODY)
+def test_bodies_match_the_stock_policy(text, html):
+    """The shared Content-Type/CTE header objects give the same parts as the stock policy."""
+    if text is None and html is None:
+        text = ""
+    ours = _build(
+        Mailbox("", "a@example.com"), [Mailbox("", "b@example.com")], text=text, html=html
+    )
+    assert _parts(ours) == _parts(_plain_stdlib(text, html))
