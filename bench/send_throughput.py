@@ -219,6 +219,16 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument(
+        "--sink",
+        choices=["aiosmtpd", "node"],
+        default="aiosmtpd",
+        help="SMTP server: aiosmtpd (Python) or Nodemailer's smtp-server (Node.js); "
+        "both require STARTTLS and AUTH",
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=3, help="SMTP_POOL_SIZE of the pooled run (default 3)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         ca = trustme.CA()
@@ -229,10 +239,13 @@ def main() -> None:
         cert.cert_chain_pems[0].write_to_path(cert_file)
         cert.private_key_pem.write_to_path(key_file)
         smtp_port = free_port()
+        sink_command = {
+            "aiosmtpd": [sys.executable, os.path.join(ROOT, "bench", "smtp_sink.py")],
+            "node": ["node", os.path.join(ROOT, "bench", "smtp_sink.mjs")],
+        }[args.sink]
         sink = subprocess.Popen(
             [
-                sys.executable,
-                os.path.join(ROOT, "bench", "smtp_sink.py"),
+                *sink_command,
                 "--port",
                 str(smtp_port),
                 "--cert",
@@ -250,7 +263,7 @@ def main() -> None:
         try:
             assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
             table = {}
-            for pool_size in (3, 0):
+            for pool_size in (args.pool_size, 0):
                 table[pool_size] = run_mode(pool_size, args, smtp_port, ca_file, workdir)
         finally:
             sink.terminate()
@@ -258,7 +271,8 @@ def main() -> None:
         received = int(out.strip().splitlines()[-1])
     print(
         f"send-email through gunicorn ({args.workers} workers x {args.threads} threads), "
-        f"SMTP server with STARTTLS + AUTH, {args.requests} requests per level, "
+        f"{args.sink} SMTP server with STARTTLS + AUTH, pool size {args.pool_size}, "
+        f"{args.requests} requests per level, "
         f"{os.cpu_count()} CPUs"
     )
     print(f"{'mode':<10}{'conc':>6}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}  statuses")
@@ -274,7 +288,7 @@ def main() -> None:
                 f"{r['p99']:>10.1f}  {r['statuses']}"
             )
     for concurrency in args.concurrency:
-        pooled = dict(table[3])[concurrency]["rate"]
+        pooled = dict(table[args.pool_size])[concurrency]["rate"]
         unpooled = dict(table[0])[concurrency]["rate"]
         print(f"pooled/unpooled at concurrency {concurrency}: {pooled / unpooled:.1f}x")
     print(f"SMTP server received {received} messages; 200 answers (with warm-up): {ok}")

@@ -4,6 +4,8 @@ bounded timeouts, and failures turned into texts that say what broke and never h
 from __future__ import annotations
 
 import base64
+import functools
+import os
 import smtplib
 import socket
 import ssl
@@ -63,7 +65,17 @@ class TransportError(Exception):
 
 
 def tls_context() -> ssl.SSLContext:
-    """A verifying context from the system trust store (honours SSL_CERT_FILE)."""
+    """A verifying context from the system trust store (honours SSL_CERT_FILE/SSL_CERT_DIR).
+
+    Loading the trust store costs milliseconds, once per new connection if done each time; one
+    context is shared (OpenSSL contexts are safe to share between threads) and built again only
+    when SSL_CERT_FILE or SSL_CERT_DIR change.
+    """
+    return _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
     return ssl.create_default_context()
 
 

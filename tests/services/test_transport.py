@@ -157,3 +157,22 @@ def test_non_ascii_credentials_go_as_utf8_auth_plain(client, tokens, smtp_factor
         "SMTP connection test failed: Authentication failed (535")
     assert password not in body["error"]
     assert server.auth_attempts[-1] == (user, False)
+
+
+def test_one_tls_context_is_shared_and_follows_the_trust_store(
+    client, tokens, smtp_server, tmp_path, monkeypatch
+):
+    """Loading the trust store costs milliseconds (about 100 ms for a system bundle), so the
+    context is built once; pointing SSL_CERT_FILE elsewhere builds a new one."""
+    from smtp_service.services.transport import tls_context
+
+    assert tls_context() is tls_context()
+    assert _test(client, tokens, settings_body(smtp_server))[0] == 200
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    status, body = _test(client, tokens, settings_body(smtp_server))
+    assert status == 400
+    assert "TLS certificate verification failed" in body["error"]
+    monkeypatch.undo()
+    assert _test(client, tokens, settings_body(smtp_server))[0] == 200
