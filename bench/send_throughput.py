@@ -110,8 +110,8 @@ async def _worker(
         await writer.wait_closed()
 
 
-async def load(host: str, port: int, auth: str, total: int, concurrency: int) -> dict:
-    """Send `total` requests over `concurrency` keep-alive connections."""
+def send_request(host: str, port: int, auth: str) -> bytes:
+    """One send-email request, as bytes on the wire."""
     body = json.dumps(
         {
             "from": USER,
@@ -120,11 +120,20 @@ async def load(host: str, port: int, auth: str, total: int, concurrency: int) ->
             "text": "hello from the benchmark",
         }
     ).encode()
-    request = (
+    return (
         f"POST /api/messages/send-email HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Authorization: Bearer {auth}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+def health_request(host: str, port: int) -> bytes:
+    """GET /healthz: the same server doing almost nothing (the HTTP stack's own ceiling)."""
+    return f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+
+async def load(host: str, port: int, request: bytes, total: int, concurrency: int) -> dict:
+    """Send `total` requests over `concurrency` keep-alive connections."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     per = [total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)]
@@ -192,15 +201,20 @@ def run_mode(
             auth,
             {"host": "localhost", "port": smtp_port, "user": USER, "pass": PASSWORD},
         )
-        warm = asyncio.run(load("127.0.0.1", port, auth, 200, 8))  # warm-up: imports, pools
+        request = send_request("127.0.0.1", port, auth)
+        warm = asyncio.run(load("127.0.0.1", port, request, 200, 8))  # warm-up: imports, pools
         results.append((0, warm))
         for concurrency in args.concurrency:
             results.append(
                 (
                     concurrency,
-                    asyncio.run(load("127.0.0.1", port, auth, args.requests, concurrency)),
+                    asyncio.run(load("127.0.0.1", port, request, args.requests, concurrency)),
                 )
             )
+        if pool_size:  # the ceiling: the same server answering GET /healthz
+            health = health_request("127.0.0.1", port)
+            top = max(args.concurrency)
+            results.append((-top, asyncio.run(load("127.0.0.1", port, health, args.requests, top))))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -277,16 +291,25 @@ def main() -> None:
     )
     print(f"{'mode':<10}{'conc':>6}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}  statuses")
     ok = 0
+    ceiling: list[str] = []
     for pool_size, rows in table.items():
         mode = "pooled" if pool_size else "unpooled"
         for concurrency, r in rows:
-            ok += r["statuses"].get(200, 0)
-            if concurrency == 0:  # the warm-up
+            if concurrency >= 0:  # send-email rows (0: the warm-up); each 200 is one message
+                ok += r["statuses"].get(200, 0)
+            if concurrency == 0:
+                continue
+            if concurrency < 0:
+                ceiling.append(
+                    f"{'healthz':<10}{-concurrency:>6}{r['rate']:>10.0f}{r['p50']:>10.1f}"
+                    f"{r['p99']:>10.1f}  {r['statuses']}  (GET /healthz: the HTTP stack alone)"
+                )
                 continue
             print(
                 f"{mode:<10}{concurrency:>6}{r['rate']:>10.0f}{r['p50']:>10.1f}"
                 f"{r['p99']:>10.1f}  {r['statuses']}"
             )
+    print("\n".join(ceiling))
     for concurrency in args.concurrency:
         pooled = dict(table[args.pool_size])[concurrency]["rate"]
         unpooled = dict(table[0])[concurrency]["rate"]

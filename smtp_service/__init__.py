@@ -53,6 +53,7 @@ class Services:
             idle_seconds=config["SMTP_POOL_IDLE_SECONDS"],
             max_lifetime=config["SMTP_POOL_MAX_LIFETIME_SECONDS"],
             max_accounts=config["SMTP_POOL_MAX_ACCOUNTS"],
+            pipelining=config["SMTP_PIPELINING"],
         )
         # A forked worker must not share the parent's sockets; on exit, QUIT politely.
         os.register_at_fork(after_in_child=self.pool.reset_after_fork)

@@ -158,4 +158,5 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
             env, "SMTP_POOL_MAX_LIFETIME_SECONDS", 300.0, 0.1, 86400.0
         ),
         "SMTP_POOL_MAX_ACCOUNTS": _int(env, "SMTP_POOL_MAX_ACCOUNTS", 1000, 1, 1_000_000),
+        "SMTP_PIPELINING": _bool(env, "SMTP_PIPELINING", True),
     }

@@ -36,6 +36,27 @@ class RecordingHandler:
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     quits: int = 0  # sessions the client ended politely with QUIT
+    pipelining: bool = False  # offer PIPELINING (RFC 2920) in the EHLO reply
+    # Per MAIL command: were RCPT and DATA already waiting behind it (sent in one batch)?
+    batched: list[bool] = field(default_factory=list)
+
+    async def handle_EHLO(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        waiting = bytes(getattr(server._reader, "_buffer", b""))  # read, not yet handled
+        with self.lock:
+            self.batched.append(b"DATA\r\n" in waiting.upper())
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         with self.lock:
@@ -82,10 +103,12 @@ class SmtpServer:
         handler: RecordingHandler | None = None,
         port: int = 0,
         smtputf8: bool = True,
+        pipelining: bool = False,
     ) -> None:
         self.mode = mode
         self.users = users or {}
         self.handler = handler or RecordingHandler()
+        self.handler.pipelining = pipelining
         self.auth_attempts: list[tuple[str, bool]] = []
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
         if self.users:

@@ -357,10 +357,12 @@ class FaultyServers:
         self.server_tls = server_tls
         self.users = users
         self.started: list[FaultyServer] = []
+        self.pipelining = False  # the default for the servers made from now on
 
     def __call__(self, mode: str = "starttls", **kwargs: Any) -> FaultyServer:
         kwargs.setdefault("users", self.users)
         kwargs.setdefault("server_context", self.server_tls)
+        kwargs.setdefault("pipelining", self.pipelining)
         server = FaultyServer(mode=mode, **kwargs).start()
         self.started.append(server)
         return server

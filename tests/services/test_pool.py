@@ -22,6 +22,13 @@ KEY = "acct-a:fp-1"
 _serial = itertools.count(1)
 
 
+@pytest.fixture(params=["one command at a time", "pipelined"])
+def servers(servers, request):
+    """Every test here runs against servers without and with PIPELINING (RFC 2920)."""
+    servers.pipelining = request.param == "pipelined"
+    return servers
+
+
 @pytest.fixture
 def server(servers) -> FaultyServer:
     return servers()
