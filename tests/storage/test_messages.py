@@ -648,3 +648,75 @@ def test_first_open_by_many_at_once(tmp_path) -> None:
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_writers_queue_on_the_gate_across_processes(log: MessageLog, db_path: str) -> None:
+    """A writer waits for the write gate (a flock another process holds) instead of meeting
+    SQLite's sleeping busy handler; it goes on, and succeeds, as soon as the gate is free."""
+    import subprocess
+    import sys
+
+    record(log, message_id="<first@x>")  # the database and its lock file exist
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            db_path + ".lock",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                record(log, message_id="<second@x>")
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            done.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        assert not done.wait(0.5)  # waiting on the gate, not failing, not writing past it
+        assert log.get("acct-a", "<second@x>") is None
+    finally:
+        holder.communicate("")  # the holder exits: its flock is released
+    assert done.wait(5) and errors == []
+    assert log.get("acct-a", "<second@x>") is not None
+    assert stat.S_IMODE(os.stat(db_path + ".lock").st_mode) == 0o600
+
+
+def test_the_gate_is_per_process_after_a_fork(log: MessageLog) -> None:
+    """A forked child writes through its own gate, even if the parent holds its own meanwhile
+    in another thread (a copied, locked thread lock would hang the child forever)."""
+    record(log, message_id="<before@x>")
+    ctx = multiprocessing.get_context("fork")
+    hold = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with log._gate._lock:  # the parent's thread lock, held across the fork
+            hold.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    hold.wait(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        child = ctx.Process(target=_child_write, args=(log,))
+        child.start()
+    child.join(10)
+    release.set()
+    thread.join()
+    assert child.exitcode == 0
+    assert log.get("acct-a", "<from-child@x>") is not None
+
+
+def _child_write(log: MessageLog) -> None:
+    record(log, message_id="<from-child@x>")
