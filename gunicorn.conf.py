@@ -1,6 +1,7 @@
 """gunicorn settings for smtp-service (`gunicorn -c gunicorn.conf.py wsgi:app`)."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ def on_starting(server):
     _catcher = subprocess.Popen(
         [sys.executable, "-m", "smtp_service.devmail", "--port", port],
     )
-    time.sleep(0.5)
+    _wait_for_port(int(port), _catcher)
     os.environ.update(
         SMTP_HOST="127.0.0.1",
         SMTP_PORT=port,
@@ -57,6 +58,18 @@ def on_starting(server):
     if not os.environ.get("SMTP_FROM"):  # .env.example leaves it empty
         os.environ["SMTP_FROM"] = "dev@example.com"
     server.log.info("SMTP_HOST not set: development mail catcher on 127.0.0.1:%s", port)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 15.0) -> None:
+    """Until the catcher accepts connections (a loaded machine can take seconds to start it),
+    so that the first send does not find the port closed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    sys.exit(f"smtp-service: the development mail catcher did not start on port {port}")
 
 
 def on_exit(server):
