@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import html as html_lib
 import re
 import uuid
@@ -122,8 +123,13 @@ class Mailbox:
 MAX_DISPLAY_NAME = 128  # folding a long non-ASCII name costs ~0.6 ms a character
 
 
+@functools.lru_cache(maxsize=10_000)
 def parse_mailbox(text: str, field: str) -> Mailbox:
-    """'a@b.example' or 'Name <a@b.example>' -> Mailbox; ValidationFailed naming the field."""
+    """'a@b.example' or 'Name <a@b.example>' -> Mailbox; ValidationFailed naming the field.
+
+    The same senders and recipients come back all the time and checking one costs ~0.1 ms, so
+    the results (immutable Mailboxes) are kept, least recently used dropped first; a refusal
+    raises and is not kept."""
     pairs = getaddresses([text])
     if len(pairs) != 1 or not pairs[0][1]:
         raise ValidationFailed({field: [f"Invalid email address: {shown(text, 80)}"]})

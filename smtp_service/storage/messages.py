@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -479,7 +480,9 @@ class MessageLog:
         """Those of the addresses the account has suppressed, spelled and ordered as given."""
         wanted = sorted({e.lower() for e in emails})
         found: set[str] = set()
-        with self._read() as db:
+        # One chunk is one statement, a snapshot by itself: no BEGIN/COMMIT around it.
+        reading = self._read() if len(wanted) > _IN_CHUNK else contextlib.nullcontext(self._db())
+        with reading as db:
             for start in range(0, len(wanted), _IN_CHUNK):
                 chunk = wanted[start : start + _IN_CHUNK]
                 marks = ", ".join("?" * len(chunk))
