@@ -14,7 +14,6 @@ import argparse
 import collections
 import functools
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import trustme  # noqa: E402
-from send_throughput import PASSWORD, SECRET, USER, free_port, token  # noqa: E402
+from send_throughput import PASSWORD, SECRET, USER, start_sink, token  # noqa: E402
 
 from smtp_service.services.crypto import new_key  # noqa: E402
 
@@ -56,35 +54,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        ca = trustme.CA()
-        cert = ca.issue_cert("localhost", "127.0.0.1")
-        ca_file, cert_file, key_file = (
-            os.path.join(workdir, n) for n in ("ca.pem", "cert.pem", "key.pem")
-        )
-        ca.cert_pem.write_to_path(ca_file)
-        cert.cert_chain_pems[0].write_to_path(cert_file)
-        cert.private_key_pem.write_to_path(key_file)
-        port = free_port()
-        sink = subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(ROOT, "bench", "smtp_sink.py"),
-                "--port",
-                str(port),
-                "--cert",
-                cert_file,
-                "--key",
-                key_file,
-                "--user",
-                USER,
-                "--password",
-                PASSWORD,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        sink, port, ca_file = start_sink("aiosmtpd", workdir)
         try:
-            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
             run(args.requests, port, ca_file, workdir)
         finally:
             sink.terminate()

@@ -79,6 +79,44 @@ def api(base: str, method: str, path: str, auth: str, body: dict | None = None) 
         return json.loads(resp.read())
 
 
+def start_sink(kind: str, workdir: str) -> tuple[subprocess.Popen, int, str]:
+    """Start the benchmark SMTP server ("aiosmtpd" or "node") with a certificate from a new CA
+    in workdir; return the process (ready), its port and the CA file to trust. Terminating it
+    makes it print how many messages it received."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca_file, cert_file, key_file = (
+        os.path.join(workdir, name) for name in ("ca.pem", "cert.pem", "key.pem")
+    )
+    ca.cert_pem.write_to_path(ca_file)
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    port = free_port()
+    command = {
+        "aiosmtpd": [sys.executable, os.path.join(ROOT, "bench", "smtp_sink.py")],
+        "node": ["node", os.path.join(ROOT, "bench", "smtp_sink.mjs")],
+    }[kind]
+    sink = subprocess.Popen(
+        [
+            *command,
+            "--port",
+            str(port),
+            "--cert",
+            cert_file,
+            "--key",
+            key_file,
+            "--user",
+            USER,
+            "--password",
+            PASSWORD,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    return sink, port, ca_file
+
+
 async def _worker(
     host: str,
     port: int,
@@ -245,37 +283,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        ca = trustme.CA()
-        cert = ca.issue_cert("localhost", "127.0.0.1")
-        ca_file = os.path.join(workdir, "ca.pem")
-        ca.cert_pem.write_to_path(ca_file)
-        cert_file, key_file = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
-        cert.cert_chain_pems[0].write_to_path(cert_file)
-        cert.private_key_pem.write_to_path(key_file)
-        smtp_port = free_port()
-        sink_command = {
-            "aiosmtpd": [sys.executable, os.path.join(ROOT, "bench", "smtp_sink.py")],
-            "node": ["node", os.path.join(ROOT, "bench", "smtp_sink.mjs")],
-        }[args.sink]
-        sink = subprocess.Popen(
-            [
-                *sink_command,
-                "--port",
-                str(smtp_port),
-                "--cert",
-                cert_file,
-                "--key",
-                key_file,
-                "--user",
-                USER,
-                "--password",
-                PASSWORD,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        sink, smtp_port, ca_file = start_sink(args.sink, workdir)
         try:
-            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
             table = {}
             for pool_size in (args.pool_size, 0):
                 table[pool_size] = run_mode(pool_size, args, smtp_port, ca_file, workdir)
