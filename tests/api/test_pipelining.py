@@ -109,3 +109,13 @@ def test_354_after_every_recipient_was_refused_closes_the_connection(client, tok
     assert server.messages == [] and server.unanswered == [] and server.refused == []
     assert _send(client, tokens, "ok@example.net").status_code == 200
     assert server.connections == 2 and len(server.messages) == 1
+
+
+def test_an_smtputf8_batch(client, tokens, servers):
+    """A non-ASCII recipient: the batch goes out as UTF-8 with SMTPUTF8 on MAIL."""
+    server = servers(pipelining=True)
+    _use(client, tokens, server)
+    r = _send(client, tokens, ["jos\u00e9@example.net", "ok@example.net"])
+    assert r.status_code == 200, r.json
+    assert server.handler.batched == [True]
+    assert [m.rcpt_tos for m in server.messages] == [["jos\u00e9@example.net", "ok@example.net"]]
