@@ -97,6 +97,7 @@ class _Conn:
     # The slot that counts this connection. A key retired while the connection was in use may
     # get a new slot; the connection must not come back into (or be uncounted from) that one.
     slot: _Slot | None = None
+    endpoint: SmtpEndpoint | None = None  # where it goes: a replacement is opened alike
     sent: int = 0
     reused: bool = False
     healthy: bool = True
@@ -218,7 +219,7 @@ class TransportPool:
             raise SendFailed(phase, transport=exc) from None
         now = self._clock()
         self._bump("opened")
-        return _Conn(smtp, created=now, last_used=now, slot=slot)
+        return _Conn(smtp, created=now, last_used=now, slot=slot, endpoint=endpoint)
 
     def _expired(self, conn: _Conn, now: float) -> bool:
         return (
@@ -330,10 +331,38 @@ class TransportPool:
                 slot.idle.append(conn)
                 slot.cond.notify()
                 return
+            self._counts["retired"] += 1
+            if not slot.retired and conn.healthy:
+                # Worn out (max messages or lifetime) while in use: the account is busy. Its
+                # place stays counted for a replacement, opened (and the old one QUIT) in the
+                # background, so that no request waits for a QUIT or a new TLS + AUTH.
+                threading.Thread(
+                    target=self._replace, args=(conn,), name="smtp-pool-replace", daemon=True
+                ).start()
+                return
             slot.open -= 1  # a retired slot's waiters move to the key's new slot
             slot.cond.notify()
-            self._counts["retired"] += 1
         close_quietly(conn.smtp)
+
+    def _replace(self, old: _Conn) -> None:
+        """QUIT a worn-out connection and open its replacement into the same slot."""
+        slot = old.slot
+        assert slot is not None and slot.cond is not None and old.endpoint is not None
+        close_quietly(old.smtp)
+        try:
+            new = self._open(old.endpoint, "connect", slot)
+        except Exception:  # noqa: BLE001 - the next request opens one itself and reports it
+            log.info("pool: opening a replacement connection failed; the next send will retry")
+            new = None
+        with self._lock:
+            if new is not None and not slot.retired:
+                slot.idle.append(new)
+                slot.cond.notify()
+                return
+            slot.open -= 1
+            slot.cond.notify()
+        if new is not None:  # the key was retired meanwhile
+            self._close_all_quietly([new])
 
     def _close_all_quietly(self, conns: list[_Conn]) -> None:
         if conns:

@@ -166,15 +166,29 @@ def test_size_zero_opens_a_fresh_connection_per_send(pools, server):
     assert pool.stats()["open"] == 0 and pool.stats()["keys"] == 0
 
 
-def test_max_messages_retires_the_connection(pools, server):
+def test_max_messages_retires_the_connection_and_a_replacement_waits(pools, server):
     pool = pools(max_messages=2)
-    for _ in range(5):
+    for _ in range(2):
         pool.send(KEY, endpoint(server), envelope())
-    assert server.connections == 3
-    assert [server.verbs(n).count("MAIL") for n in (1, 2, 3)] == [2, 2, 1]
-    assert server.wait_until(lambda: server.active == 1)
-    assert server.verbs(1)[-1] == server.verbs(2)[-1] == "QUIT"
-    assert pool.stats()["retired"] == 2
+    # The worn-out connection is QUIT and its replacement opened in the background.
+    assert server.wait_until(lambda: server.connections == 2 and pool.stats()["idle"] == 1)
+    assert server.verbs(1)[-1] == "QUIT" and server.verbs(1).count("MAIL") == 2
+    for _ in range(2):  # through the replacement: no request opens a connection itself
+        pool.send(KEY, endpoint(server), envelope())
+    assert server.wait_until(lambda: server.connections == 3 and pool.stats()["idle"] == 1)
+    assert [server.verbs(n).count("MAIL") for n in (1, 2, 3)] == [2, 2, 0]
+    assert server.verbs(2)[-1] == "QUIT"
+    assert pool.stats()["retired"] == 2 and pool.stats()["open"] == 1
+    assert len(server.messages) == 4
+
+
+def test_a_replacement_that_cannot_open_frees_its_place(pools, server):
+    pool = pools(max_messages=1, size=1)
+    server.fault("connect", "421 4.3.2 Too busy", every=2, times=1)  # the replacement's turn
+    pool.send(KEY, endpoint(server), envelope())
+    assert server.wait_until(lambda: server.connections == 2 and pool.stats()["open"] == 0)
+    pool.send(KEY, endpoint(server), envelope())  # opens one itself (size 1: the place is free)
+    assert len(server.messages) == 2 and server.connections >= 3
 
 
 def test_idle_connection_is_retired_by_the_clock(pools, server):
