@@ -61,7 +61,7 @@ class _Policy(EmailPolicy):
         return super().header_store_parse(name, value)
 
     def fold_binary(self, name: str, value: object) -> bytes:
-        if any(value is c for c in _CONSTANTS.values()):
+        if id(value) in _CONSTANT_IDS:
             return f"{name}: {value}{self.linesep}".encode("ascii")
         return super().fold_binary(name, value)
 
@@ -78,6 +78,7 @@ _CONSTANT_VALUES = (
 _CONSTANTS = {
     (name.lower(), value): HeaderRegistry()(name, value) for name, value in _CONSTANT_VALUES
 }
+_CONSTANT_IDS = frozenset(id(header) for header in _CONSTANTS.values())  # kept alive above
 
 
 _POLICY = _Policy(linesep="\r\n", header_factory=_CachedHeaderRegistry())
@@ -110,10 +111,12 @@ class Mailbox:
 
     def wire(self) -> str | None:
         """The address as it is written in a header, when that needs no encoding; else None."""
-        if not self.address.isascii() or _wire(self.name or "x") is None:
+        if not self.address.isascii():
             return None
         if not self.name:
             return self.address
+        if _wire(self.name) is None:
+            return None
         if _ATOM_PHRASE.fullmatch(self.name) and "  " not in self.name:
             return f"{self.name} <{self.address}>"
         quoted = self.name.replace("\\", "\\\\").replace('"', '\\"')

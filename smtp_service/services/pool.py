@@ -412,9 +412,8 @@ class TransportPool:
             if pipelined:
                 smtp.command_encoding = "utf-8" if envelope.smtputf8 else "ascii"
                 smtp.send(_pipeline(envelope, options))
-                owed = len(envelope.recipients) + 2
                 code, reply = smtp.getreply()
-                owed -= 1
+                owed = len(envelope.recipients) + 1  # each RCPT's reply and DATA's
             else:
                 code, reply = smtp.mail(envelope.mail_from, options)
             if code == 421 and conn.reused:
