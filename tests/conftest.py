@@ -175,6 +175,16 @@ class Tokens:
 
 
 @pytest.fixture
+def umask_zero() -> Iterator[None]:
+    """With umask 0 every mode seen is the one the code asked for, not one the umask trimmed."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture
 def tokens() -> Tokens:
     return Tokens()
 

@@ -8,7 +8,6 @@ import re
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -221,15 +220,6 @@ def test_malformed_values_fail_as_secret_errors_without_echoing_them(stored):
 
 
 # -- the key file -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def umask_zero() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.mark.usefixtures("umask_zero")

@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import filelock
@@ -114,16 +113,6 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def files(data_dir: Path) -> AccountFiles:
     return AccountFiles(str(data_dir))
-
-
-@pytest.fixture
-def umask_zero() -> Iterator[None]:
-    """With umask 0 every mode seen is the one the code asked for, not one the umask trimmed."""
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.fixture
