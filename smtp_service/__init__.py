@@ -21,8 +21,11 @@ from smtp_service.services.pool import TransportPool
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
 from smtp_service.services.transport import Secret, SmtpEndpoint, connect
+from smtp_service.storage.database import Database, DatabaseError
 from smtp_service.storage.files import AccountFiles
+from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
+from smtp_service.storage.suppressions import SuppressionList
 
 __all__ = ["ConfigError", "create_app"]
 
@@ -45,7 +48,14 @@ class Services:
             self.files, self.box, self.guard, self.global_endpoint, config["SMTP_TIMEOUT"]
         )
         self.senders = SenderService(self.files)
-        self.messages = MessageLog(os.path.join(self.data_dir, "messages.sqlite3"))
+        try:
+            self.database = Database(config["DATABASE_URL"], pool_size=config["DATABASE_POOL_SIZE"])
+            self.database.migrate()
+        except DatabaseError as exc:
+            raise ConfigError(str(exc)) from None
+        self.messages = MessageLog(self.database)
+        self.suppressions = SuppressionList(self.database)
+        self.idempotency = IdempotencyStore(self.database)
         self.pool = TransportPool(
             functools.partial(connect, timeout=config["SMTP_TIMEOUT"], guard=self.guard),
             size=config["SMTP_POOL_SIZE"],
@@ -67,6 +77,8 @@ class Services:
             senders=self.senders,
             pool=self.pool,
             messages=self.messages,
+            suppressions=self.suppressions,
+            idempotency=self.idempotency,
             tracker=OpenTracker(tracking_secret, config["PUBLIC_BASE_URL"]),
             global_from=config["SMTP_FROM"] or None,
             max_message_bytes=config["MAX_MESSAGE_BYTES"],

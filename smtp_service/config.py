@@ -100,6 +100,19 @@ def _base_url(env: Mapping[str, str]) -> str:
     return url.rstrip("/")
 
 
+def _database_url(env: Mapping[str, str], data_dir: str) -> str:
+    url = env.get("DATABASE_URL", "").strip()
+    if not url:
+        return f"sqlite:///{os.path.join(data_dir, 'messages.sqlite3')}"
+    scheme = url.split(":", 1)[0].lower()
+    if scheme not in ("sqlite", "postgresql", "postgresql+psycopg", "postgres"):
+        # The scheme only: the rest of a URL may hold a password.
+        raise ConfigError(f"DATABASE_URL must start sqlite:/// or postgresql+psycopg://: {scheme}")
+    if scheme in ("postgresql", "postgres"):  # psycopg 3 is the driver this service ships
+        url = "postgresql+psycopg:" + url.split(":", 1)[1]
+    return url
+
+
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
     env = os.environ if env is None else env
@@ -125,8 +138,11 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     smtp_secure = _bool(env, "SMTP_SECURE", smtp_port == 465)
     max_request = _int(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024, 1024**3)
 
+    data_dir = os.path.abspath(env.get("DATA_DIR", "").strip() or "data")
     return {
-        "DATA_DIR": os.path.abspath(env.get("DATA_DIR", "").strip() or "data"),
+        "DATA_DIR": data_dir,
+        "DATABASE_URL": _database_url(env, data_dir),
+        "DATABASE_POOL_SIZE": _int(env, "DATABASE_POOL_SIZE", 10, 1, 1000),
         "JWT_SECRET_KEY": secret or None,
         "JWT_PUBLIC_KEY": public_key,
         "JWT_ALGORITHM": algorithm,

@@ -16,7 +16,7 @@ from smtp_service import create_app
 from smtp_service.services.crypto import new_key
 from tests.smtpd import SmtpServer
 
-pytest_plugins = ["tests.log_guard"]
+pytest_plugins = ["tests.log_guard", "tests.databases"]
 
 JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER = "mailer@example.com"
@@ -105,10 +105,13 @@ def global_server(smtp_factory) -> SmtpServer:
 
 
 @pytest.fixture
-def app_config(tmp_path, global_server) -> dict[str, Any]:
+def app_config(tmp_path, global_server, database_url) -> dict[str, Any]:
+    """The app on both engines: SQLite by default (DATABASE_URL unset: the file in DATA_DIR),
+    and PostgreSQL where TEST_DATABASE_URL names a server."""
     return {
         "TESTING": True,
         "DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": "" if database_url.startswith("sqlite") else database_url,
         "JWT_SECRET_KEY": JWT_SECRET,
         "SMTP_ENCRYPTION_KEYS": new_key(),
         "SMTP_HOST_ALLOWLIST": "127.0.0.1/32,localhost",
@@ -125,8 +128,9 @@ def app_config(tmp_path, global_server) -> dict[str, Any]:
 def app(app_config):
     app = create_app(app_config)
     yield app
-    # QUIT pooled connections before the test's SMTP servers stop
+    # QUIT pooled connections before the test's SMTP servers stop; close database connections
     app.extensions["smtp_service"].pool.close_all()
+    app.extensions["smtp_service"].database.dispose()
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def remove_sender(email: str):
 def list_suppressions():
     """GET /api/suppressions."""
     caller = current_caller()
-    return jsonify({"suppressions": services().messages.suppressions(caller.account_id)})
+    return jsonify({"suppressions": services().suppressions.list(caller.account_id)})
 
 
 @bp.delete("/suppressions/<path:email>")
@@ -80,7 +80,7 @@ def list_suppressions():
 def remove_suppression(email: str):
     """DELETE /api/suppressions/<email>."""
     caller = current_caller()
-    if len(email) > MAX_MAILBOX_LENGTH or not services().messages.unsuppress(
+    if len(email) > MAX_MAILBOX_LENGTH or not services().suppressions.unsuppress(
         caller.account_id, email
     ):
         raise NotFound(f"{shown(email, 100)} is not suppressed")

@@ -26,7 +26,9 @@ from smtp_service.services.pool import Envelope, SendFailed, TransportPool
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService, StoredSettingsUnusable
 from smtp_service.services.transport import SmtpEndpoint
+from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
+from smtp_service.storage.suppressions import SuppressionList
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class Mailer:
         senders: SenderService,
         pool: TransportPool,
         messages: MessageLog,
+        suppressions: SuppressionList,
+        idempotency: IdempotencyStore,
         tracker: OpenTracker,
         global_from: str | None,
         max_message_bytes: int,
@@ -98,6 +102,8 @@ class Mailer:
         self.senders = senders
         self.pool = pool
         self.messages = messages
+        self.suppressions = suppressions
+        self.idempotency = idempotency
         self.tracker = tracker
         self.global_from = global_from
         self.max_message_bytes = max_message_bytes
@@ -138,9 +144,10 @@ class Mailer:
         body_hash = hashlib.sha256(
             json.dumps(data, sort_keys=True, default=str).encode()
         ).hexdigest()
-        state, status, body = self.messages.claim(account_id, idempotency_key, body_hash)
+        state, stored = self.idempotency.claim(account_id, idempotency_key, body_hash)
         if state == "replay":
-            return status or 200, body or {}
+            assert stored is not None
+            return stored["status"], stored["body"]
         if state == "conflict":
             raise ApiError("Idempotency-Key was already used with a different request", 409)
         if state == "pending":
@@ -148,14 +155,16 @@ class Mailer:
         try:
             status, body = self._send(account_id, data)
         except BaseException:
-            self.messages.release(account_id, idempotency_key)
+            self.idempotency.release(account_id, idempotency_key)
             raise
         if status == 200 or body.get("uncertain"):
             # Delivered, or perhaps delivered (the content went out, no reply came back):
             # a retry with this key answers the same and never sends a second copy.
-            self.messages.complete(account_id, idempotency_key, status, body)
+            self.idempotency.complete(
+                account_id, idempotency_key, {"status": status, "body": body}
+            )
         else:  # nothing was delivered: the same key may be retried
-            self.messages.release(account_id, idempotency_key)
+            self.idempotency.release(account_id, idempotency_key)
         return status, body
 
     def _check_counts(self, data: dict[str, Any]) -> None:
@@ -176,7 +185,7 @@ class Mailer:
         bcc = parse_mailboxes(data["bcc"], "bcc")
         reply_to = parse_mailboxes(data["replyTo"], "replyTo")
         recipients = _unique([m.address for m in to + cc + bcc])  # _check_counts bounded them
-        suppressed = self.messages.suppressed(account_id, recipients)
+        suppressed = self.suppressions.suppressed(account_id, recipients)
         if suppressed:
             raise ApiError(
                 f"Recipient {', '.join(suppressed)} is on the suppression list "
@@ -342,7 +351,7 @@ class Mailer:
     def _suppress_hard(self, account_id: str, refusals: list[Refusal], message_id: str) -> None:
         for r in refusals:
             if r.type == "hard":
-                self.messages.suppress(
+                self.suppressions.suppress(
                     account_id,
                     r.email,
                     reason="hard bounce",

@@ -1,0 +1,240 @@
+"""The message database: one SQLAlchemy engine on SQLite (embedded) or PostgreSQL (shared by
+several instances), its migrations, and transactions for the stores built on it."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, Result, make_url
+from sqlalchemy.sql.expression import Executable
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+MIGRATIONS = Path(__file__).with_name("migrations")
+# pg_advisory_xact_lock key: one migrator at a time across every instance of one database.
+_MIGRATION_LOCK_KEY = 0x736D7470  # "smtp"
+
+
+class DatabaseError(Exception):
+    """The database cannot be used as configured (a bad URL, an unknown driver); one line."""
+
+
+def sqlite_url(path: str) -> str:
+    """The SQLAlchemy URL of an SQLite file at `path` (absolute or relative to the cwd)."""
+    return f"sqlite:///{os.path.abspath(path)}"
+
+
+class Database:
+    """An engine, safe across threads and forks, with explicit read and write transactions.
+
+    SQLite: every connection runs in WAL mode with a 5 s busy timeout; writes take the write
+    lock up front (BEGIN IMMEDIATE) after a write gate (a thread lock and a flock() on
+    `<file>.lock`) so that writers queue instead of meeting SQLite's polling busy handler. The
+    file and its -wal, -shm and .lock companions are made private (0600).
+    PostgreSQL: READ COMMITTED transactions; the stores use row locks and ON CONFLICT.
+    After a fork the child drops the parent's pooled connections without closing them (the
+    SQLAlchemy recipe), and opens its own on first use.
+    """
+
+    def __init__(
+        self, url: str, *, pool_size: int = 10, clock: Callable[[], float] = time.time
+    ) -> None:
+        try:
+            parsed = make_url(url)
+        except sa.exc.ArgumentError:
+            raise DatabaseError("DATABASE_URL is not a database URL") from None
+        self.url = parsed
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise DatabaseError(f"DATABASE_URL must be sqlite or postgresql, not {self.dialect}")
+        self._clock = clock
+        self.path: str | None = parsed.database if self.dialect == "sqlite" else None
+        if self.dialect == "sqlite" and not self.path:
+            raise DatabaseError("DATABASE_URL names no SQLite file")
+        try:
+            self.engine = self._make_engine(pool_size)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise DatabaseError(f"DATABASE_URL cannot be used: {type(exc).__name__}") from None
+        self._gate = _WriteGate(self.path + ".lock") if self.path else None
+        self._migrated = False
+        self._migrate_lock = threading.Lock()
+        _live.add(self)
+        # Connections are closed (not dropped) when the Database goes away.
+        weakref.finalize(self, self.engine.dispose)
+
+    def _after_fork_in_child(self) -> None:
+        # The SQLAlchemy recipe: forget the parent's pooled connections without closing them
+        # (closing would talk to the parent's server session or SQLite lock state).
+        self.engine.dispose(close=False)
+        if self._gate is not None:
+            self._gate.reset()
+
+    def _make_engine(self, pool_size: int) -> Engine:
+        if self.dialect == "postgresql":
+            return sa.create_engine(
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+            )
+        engine = sa.create_engine(
+            self.url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
+        )
+        path = self.path
+        assert path is not None
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI objects
+            # pysqlite begins a transaction itself before the first INSERT, UPDATE or DELETE;
+            # IMMEDIATE makes that BEGIN take the write lock up front (waiting up to the busy
+            # timeout): a deferred one that reads and then writes can fail at once with
+            # "database is locked". Every write transaction here starts with such a statement;
+            # a lone SELECT runs outside a transaction, a snapshot by itself. (A "begin" event
+            # listener would do the same at a cost on every statement of every connection.)
+            dbapi_conn.isolation_level = "IMMEDIATE"
+            _make_private(path)  # before WAL: the -wal and -shm files copy its mode
+            dbapi_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            mode = _enable_wal(dbapi_conn)
+            if mode != "wal":
+                raise sa.exc.OperationalError("PRAGMA journal_mode", None, Exception(mode))
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+            dbapi_conn.execute("PRAGMA foreign_keys=ON")
+
+        return engine
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        """The clock, in integer milliseconds since the epoch."""
+        return int(self._clock() * 1000)
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, committed when the block ends and rolled back if it raises."""
+        self._ready()
+        if self._gate is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._gate.hold(), self.engine.begin() as conn:
+            yield conn
+
+    def query(self, statement: Executable, params: dict[str, Any] | None = None) -> Result:
+        """Run one read-only statement, a snapshot by itself (on SQLite outside a transaction);
+        the rows are buffered, so the result outlives the connection."""
+        self._ready()
+        with self.engine.connect() as conn:
+            return conn.execute(statement, params).freeze()()
+
+    def dispose(self) -> None:
+        """Close every pooled connection; the next use opens new ones."""
+        self.engine.dispose()
+
+    # -- migrations --------------------------------------------------------------------------
+
+    def _ready(self) -> None:
+        if not self._migrated:
+            self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema up to the newest migration (Alembic), once per process.
+
+        Safe when several workers and instances start at once: on PostgreSQL a transaction-level
+        advisory lock, on SQLite the write lock (and the write gate), serialise the migrators,
+        and each reads the current revision only once it holds the lock. A file written before
+        Alembic was used (the schema of PRAGMA user_version 1) is adopted as revision 0001.
+        """
+        with self._migrate_lock:
+            if self._migrated:
+                return
+            from smtp_service.storage.migrate import upgrade
+
+            if self._gate is None:
+                with self.engine.begin() as conn:
+                    upgrade(conn, _MIGRATION_LOCK_KEY)
+            else:
+                with self._gate.hold(), self.engine.begin() as conn:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")  # DDL would not begin one itself
+                    upgrade(conn, None)
+            self._migrated = True
+
+
+class _WriteGate:
+    """One SQLite writer at a time across the threads and processes of one file, handed over at
+    once: a thread lock, then a blocking flock() on `<database>.lock`.
+
+    Without it, concurrent writers meet in SQLite's busy handler, which polls with sleeps of up
+    to 100 ms; with 32 writers in two processes that added hundreds of milliseconds to some
+    sends. busy_timeout stays as the backstop for writers outside the service."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the lock and descriptor (in a forked child: they are the parent's)."""
+        # After a fork the parent's lock state and descriptor are not the child's: start afresh.
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the gate for the block."""
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                weakref.finalize(self, os.close, self._fd)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+# os.register_at_fork cannot be undone, so one hook serves every live Database.
+_live: weakref.WeakSet[Database] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [db._after_fork_in_child() for db in list(_live)])
+
+
+def _make_private(path: str) -> None:
+    # chmod, not umask (process-wide) nor creating the file ourselves: opening and closing a
+    # descriptor of the database would drop every POSIX lock this process holds on it.
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def _enable_wal(conn) -> str:  # noqa: ANN001 - a DBAPI sqlite3 connection
+    # Switching a new file to WAL needs it to itself and answers "database is locked" at once,
+    # without the busy handler, while another process opens it: retry up to the busy timeout.
+    import sqlite3
+
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode == "wal":  # persistent in the file: only its first opener changes it
+                return mode
+            return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
