@@ -29,6 +29,14 @@ worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = 60
 graceful_timeout = 15
+# gunicorn's control socket defaults to one fixed path in the home folder
+# ($HOME/.gunicorn/gunicorn.ctl): a second instance on the same host takes it over and removes it
+# when it exits. The service does not use it, so it is off unless GUNICORN_CONTROL_SOCKET names a
+# path of this instance's own.
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "").strip() or None
+control_socket_disable = control_socket is None
+if control_socket is None:
+    del control_socket
 accesslog = "-"
 # The access log must never hold a token: log the request line without the query string.
 # pid=%(p)s names the worker that answered (tests use it to prove every worker was exercised).

@@ -73,3 +73,32 @@ def _summary(counts: dict[str, int]) -> str:
     return (
         f"updated {counts['updated']}, unchanged {counts['unchanged']}, failed {counts['failed']}"
     )
+
+
+@smtp.group("db")
+def db() -> None:
+    """The message database (DATABASE_URL): migrations."""
+
+
+@db.command("upgrade")
+@with_appcontext
+def db_upgrade() -> None:
+    """Apply every pending migration (the service also does this when it starts)."""
+    from smtp_service.storage.migrate import current, head
+
+    database = current_app.extensions["smtp_service"].database
+    database.migrate()
+    with database.engine.connect() as conn:
+        revision = current(conn)
+    click.echo(f"database at revision {revision} (newest {head()})")
+
+
+@db.command("current")
+@with_appcontext
+def db_current() -> None:
+    """Print the database's migration revision and the newest one."""
+    from smtp_service.storage.migrate import current, head
+
+    with current_app.extensions["smtp_service"].database.engine.connect() as conn:
+        revision = current(conn)
+    click.echo(f"database at revision {revision} (newest {head()})")

@@ -77,3 +77,14 @@ def database_url(request: pytest.FixtureRequest, pg_schema_url: str | None, tmp_
         pytest.skip(PG_SKIP)
     empty_tables(pg_schema_url)
     return pg_schema_url
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line for every PostgreSQL case skipped for want of a server (instead of one a test)."""
+    skipped = [
+        r
+        for r in terminalreporter.stats.get("skipped", [])
+        if isinstance(r.longrepr, tuple) and PG_SKIP in str(r.longrepr[2])
+    ]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} PostgreSQL cases skipped: {PG_SKIP}")

@@ -31,6 +31,12 @@ class DatabaseError(Exception):
     """The database cannot be used as configured (a bad URL, an unknown driver); one line."""
 
 
+def storable(text: str) -> bool:
+    """False for text no supported database can hold (PostgreSQL refuses NUL in text): no row
+    is keyed by it, so a look-up by it finds nothing instead of failing."""
+    return "\x00" not in text
+
+
 def sqlite_url(path: str) -> str:
     """The SQLAlchemy URL of an SQLite file at `path` (absolute or relative to the cwd)."""
     return f"sqlite:///{os.path.abspath(path)}"

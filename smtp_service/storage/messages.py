@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from smtp_service.storage.database import Database
+from smtp_service.storage.database import Database, storable
 from smtp_service.storage.tables import events, messages
 from smtp_service.timestamps import iso_utc
 
@@ -115,6 +115,8 @@ class MessageLog:
 
     def get(self, account_id: str, message_id: str) -> dict[str, Any] | None:
         """The account's message with its events (the spec's message record), or None."""
+        if not storable(message_id):
+            return None
         rows = self.db.query(
             _SELECT_MESSAGE, {"account_id": account_id, "message_id": message_id}
         ).all()

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from smtp_service.storage.database import Database
+from smtp_service.storage.database import Database, storable
 from smtp_service.storage.messages import iso_ms
 from smtp_service.storage.tables import suppressions
 
@@ -90,7 +90,7 @@ class SuppressionList:
 
     def suppressed(self, account_id: str, emails: list[str]) -> list[str]:
         """Those of the addresses the account has suppressed, spelled and ordered as given."""
-        wanted = sorted({e.lower() for e in emails})
+        wanted = sorted({e.lower() for e in emails if storable(e)})
         chunks = [wanted[i : i + _IN_CHUNK] for i in range(0, len(wanted), _IN_CHUNK)]
         found: set[str] = set()
         for chunk in chunks:  # each chunk one statement, a snapshot by itself
@@ -101,6 +101,8 @@ class SuppressionList:
 
     def unsuppress(self, account_id: str, email: str) -> bool:
         """Allow the address again; True when it was suppressed."""
+        if not storable(email):
+            return False
         delete = suppressions.delete().where(
             suppressions.c.account_id == account_id, suppressions.c.email == email.lower()
         )

@@ -42,7 +42,8 @@ _KNOWN_VARIABLES = (
     "SMTP_FROM SMTP_REQUIRE_TLS SMTP_TIMEOUT SMTP_HOST_ALLOWLIST BIND MAX_REQUEST_BYTES "
     "MAX_MESSAGE_BYTES MAX_RECIPIENTS PUBLIC_BASE_URL SMTP_POOL_SIZE SMTP_POOL_MAX_MESSAGES "
     "SMTP_POOL_IDLE_SECONDS SMTP_POOL_MAX_LIFETIME_SECONDS SMTP_POOL_MAX_ACCOUNTS "
-    "WEB_CONCURRENCY GUNICORN_THREADS DEV_SMTP_PORT LOG_LEVEL"
+    "WEB_CONCURRENCY GUNICORN_THREADS DEV_SMTP_PORT LOG_LEVEL DATABASE_URL DATABASE_POOL_SIZE "
+    "GUNICORN_CONTROL_SOCKET"
 ).split()
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
 
@@ -233,22 +234,16 @@ def _wait_healthy(live: LiveService) -> None:
     )
 
 
-@pytest.fixture
-def live_service(
-    tmp_path: Path, trust_test_ca: str, global_server: SmtpServer, smtp_factory: Any
-) -> Iterator[LiveService]:
-    """gunicorn with 2 workers on a free loopback port; stopped (SIGTERM, then kill) at the end.
-
-    global_server is the fallback (its own user); account_server is a second STARTTLS + AUTH
-    server for the account's own settings, logging in as tests.conftest.SMTP_USER.
-    """
-    account_server = smtp_factory("starttls")
-    port = free_port()
-    data_dir = tmp_path / "data"
-    log_path = tmp_path / "gunicorn.log"
-    env = service_environment(
-        port=port, data_dir=data_dir, ca_file=trust_test_ca, global_server=global_server
-    )
+def start_live(
+    *,
+    port: int,
+    data_dir: Path,
+    log_path: Path,
+    env: dict[str, str],
+    global_server: SmtpServer,
+    account_server: SmtpServer,
+) -> LiveService:
+    """Start gunicorn with `env` and wait until /healthz answers; the caller stops it."""
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             _gunicorn_command(),
@@ -272,9 +267,48 @@ def live_service(
     )
     try:
         _wait_healthy(live)
+    except BaseException:
+        live.stop()
+        raise
+    return live
+
+
+@pytest.fixture
+def live_service(
+    tmp_path: Path, trust_test_ca: str, global_server: SmtpServer, smtp_factory: Any
+) -> Iterator[LiveService]:
+    """gunicorn with 2 workers on a free loopback port; stopped (SIGTERM, then kill) at the end.
+
+    global_server is the fallback (its own user); account_server is a second STARTTLS + AUTH
+    server for the account's own settings, logging in as tests.conftest.SMTP_USER.
+    """
+    account_server = smtp_factory("starttls")
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = service_environment(
+        port=port, data_dir=data_dir, ca_file=trust_test_ca, global_server=global_server
+    )
+    live = start_live(
+        port=port,
+        data_dir=data_dir,
+        log_path=tmp_path / "gunicorn.log",
+        env=env,
+        global_server=global_server,
+        account_server=account_server,
+    )
+    try:
         yield live
     finally:
         live.stop()
 
 
-__all__ = ["GLOBAL_USER", "LiveService", "REPO_ROOT", "SMTP_PASSWORD", "SMTP_USER", "free_port"]
+__all__ = [
+    "GLOBAL_USER",
+    "LiveService",
+    "REPO_ROOT",
+    "SMTP_PASSWORD",
+    "SMTP_USER",
+    "free_port",
+    "service_environment",
+    "start_live",
+]

@@ -760,3 +760,11 @@ def test_the_gate_is_per_process_after_a_fork(sqlite_log: Stores) -> None:
 
 def _child_write(log: Stores) -> None:
     record(log, message_id="<from-child@x>")
+
+
+def test_keys_no_database_can_hold_find_nothing(log: Stores) -> None:
+    """PostgreSQL refuses NUL in text: a look-up by such a key answers "none", never an error."""
+    record(log)
+    assert log.get("acct-a", "<m1@x>\x00") is None
+    assert log.unsuppress("acct-a", "bad@example.net\x00") is False
+    assert log.suppressed("acct-a", ["\x00", "ok@example.net"]) == []
