@@ -10,9 +10,10 @@ to head: only one gunicorn is under load at a time, and slow and fast spells of 
 on both sides. Each connection is replaced after --per-connection requests (25): with a few
 long-lived connections, which of gunicorn's workers accepted them is chance, one worker can end up
 with most of the load, and that alone moved a round by 30 %; the "busiest worker" column shows
-its share of the workers' CPU (50 % is an even split). It prints requests/s and p50/p99 latency
-of every round, the median per side and the head/base ratio, and checks that every answer was 200
-and that the sink received exactly one message per 200 answer.
+its share of the workers' CPU (50 % is an even split). It prints requests/s, p50/p99 latency and
+the workers' CPU time per request (from /proc) of every round, the median per side and the
+head/base ratios, and checks that every answer was 200 and that the sink received exactly one
+message per 200 answer.
 
 The sink is Postfix's smtp-sink (default; `make bench-deps` installs it): plain SMTP, no TLS,
 no AUTH, PIPELINING, and cheap enough that the service's own cost shows. `--sink aiosmtpd` uses
@@ -275,7 +276,7 @@ def worker_cpu(master: int) -> dict[int, int]:
 
 def measure(server: Server, args: argparse.Namespace, requests: int) -> dict[str, Any]:
     """One round against one server with the load generator of bench/send_throughput.py; the
-    result also holds the busiest worker's share of the workers' CPU time in the round."""
+    result also holds the workers' CPU time per request (ms) and the busiest worker's share."""
     coroutine = st.load(
         "127.0.0.1",
         server.port,
@@ -294,6 +295,7 @@ def measure(server: Server, args: argparse.Namespace, requests: int) -> dict[str
         )
     used = [t - before[pid] for pid, t in worker_cpu(server.process.pid).items() if pid in before]
     result["busiest"] = max(used) / sum(used) if sum(used) else None
+    result["cpu"] = sum(used) / os.sysconf("SC_CLK_TCK") * 1000 / requests
     return result
 
 
@@ -317,7 +319,7 @@ def report(
     )
     print(
         f"{'round':<7}{'side':<6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-200':>9}"
-        f"{'sink got':>10}{'busiest worker':>16}"
+        f"{'sink got':>10}{'CPU ms/req':>11}{'busiest worker':>16}"
     )
     for i in range(args.rounds):
         for server in servers:
@@ -326,14 +328,16 @@ def report(
             busiest = "-" if r["busiest"] is None else f"{r['busiest']:.0%} of CPU"
             print(
                 f"{i + 1:<7}{server.made.side:<6}{r['rate']:>9.0f}{r['p50']:>9.1f}"
-                f"{r['p99']:>9.1f}{non_200(r):>9}{got:>10}{busiest:>16}"
+                f"{r['p99']:>9.1f}{non_200(r):>9}{got:>10}{r['cpu']:>11.2f}{busiest:>16}"
             )
     medians = {}
     for server in servers:
-        m = {k: statistics.median(r[k] for r in server.rounds) for k in ("rate", "p50", "p99")}
+        keys = ("rate", "p50", "p99", "cpu")
+        m = {k: statistics.median(r[k] for r in server.rounds) for k in keys}
         medians[server.made.side] = m
         print(
             f"{'median':<7}{server.made.side:<6}{m['rate']:>9.0f}{m['p50']:>9.1f}{m['p99']:>9.1f}"
+            f"{'':>18}{m['cpu']:>11.2f}"
         )
     per_round = [h["rate"] / b["rate"] for b, h in zip(base.rounds, head.rounds, strict=True)]
     print(
@@ -342,6 +346,12 @@ def report(
         f"(median {statistics.median(per_round):.3f}); "
         f"p50 {medians['head']['p50'] / medians['base']['p50']:.3f}, "
         f"p99 {medians['head']['p99'] / medians['base']['p99']:.3f}"
+    )
+    cpu_per_round = [h["cpu"] / b["cpu"] for b, h in zip(base.rounds, head.rounds, strict=True)]
+    print(
+        f"head/base workers' CPU per request: "
+        f"{medians['head']['cpu'] / medians['base']['cpu']:.3f} (medians); per round "
+        f"{' '.join(f'{x:.3f}' for x in cpu_per_round)} (less than 1: head is cheaper)"
     )
     bad = sum(non_200(r) for s in servers for r in [*s.rounds, *s.warm])
     ok = sum(r["statuses"].get(200, 0) for s in servers for r in [*s.rounds, *s.warm])
