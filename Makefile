@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 NEWMAN := node_modules/.bin/newman
 
-.PHONY: run test lint bench soak clean
+.PHONY: run test lint bench bench-deps soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ test: $(DEV_STAMP) $(NEWMAN)
 
 bench: $(DEV_STAMP)
 	$(PY) bench/send_throughput.py
+
+# Postfix's smtp-sink for bench/compare.py, without configuring or starting a mail system.
+bench-deps:
+	apt-get update
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+	DEBIAN_FRONTEND=noninteractive apt-get install -y postfix
+	systemctl disable --now postfix >/dev/null 2>&1 || true
+	if postfix status >/dev/null 2>&1; then postfix stop; fi
 
 soak: $(DEV_STAMP)
 	$(PY) bench/soak.py

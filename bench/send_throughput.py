@@ -124,7 +124,25 @@ async def _worker(
     count: int,
     latencies: list[float],
     statuses: dict[int, int],
+    per_connection: int | None = None,
 ) -> None:
+    """Send `count` requests one after another on a keep-alive connection, opening a new one
+    after every `per_connection` requests when set (the connect is not in the latency)."""
+    while count > 0:
+        batch = min(count, per_connection or count)
+        await _connection(host, port, request, batch, latencies, statuses)
+        count -= batch
+
+
+async def _connection(
+    host: str,
+    port: int,
+    request: bytes,
+    count: int,
+    latencies: list[float],
+    statuses: dict[int, int],
+) -> None:
+    """Send `count` requests on one new keep-alive connection, recording latency and status."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         for _ in range(count):
@@ -170,13 +188,27 @@ def health_request(host: str, port: int) -> bytes:
     return f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
 
 
-async def load(host: str, port: int, request: bytes, total: int, concurrency: int) -> dict:
-    """Send `total` requests over `concurrency` keep-alive connections."""
+async def load(
+    host: str,
+    port: int,
+    request: bytes,
+    total: int,
+    concurrency: int,
+    per_connection: int | None = None,
+) -> dict:
+    """Send `total` requests over `concurrency` keep-alive connections at a time, each replaced
+    by a new one after `per_connection` requests when set.
+
+    gunicorn's workers share one listening socket, and which worker accepts a connection is
+    chance: over a few long-lived connections one worker can get most of them and the other
+    idle. New connections along the way spread the load as a real client population does."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     per = [total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)]
     started = time.perf_counter()
-    await asyncio.gather(*(_worker(host, port, request, n, latencies, statuses) for n in per))
+    await asyncio.gather(
+        *(_worker(host, port, request, n, latencies, statuses, per_connection) for n in per)
+    )
     elapsed = time.perf_counter() - started
     latencies.sort()
     return {
