@@ -134,15 +134,12 @@ def configure_logging(app: Flask) -> None:
 
 
 def register_extensions(app: Flask) -> None:
-    """Bind flask-jwt-extended and build the service container."""
+    """Bind flask-jwt-extended (with its token cache) and build the service container."""
     from smtp_service.auth import init_auth
-    from smtp_service.extensions import TOKEN_CACHE_KEY, VerifiedTokens, jwt
+    from smtp_service.extensions import jwt
 
     jwt.init_app(app)
     init_auth()
-    app.extensions[TOKEN_CACHE_KEY] = VerifiedTokens(
-        size=app.config["JWT_CACHE_SIZE"], leeway=app.config["JWT_DECODE_LEEWAY"]
-    )
     app.extensions["smtp_service"] = Services(app.config)
 
 
