@@ -97,25 +97,33 @@ def global_endpoint(config: Mapping[str, Any]) -> SmtpEndpoint | None:
     )
 
 
+# Flask's own switches that a test config may set as they are (TESTING=True); every other key of
+# a test config is an environment variable, read by load_config like the real environment.
+FLASK_SWITCHES = frozenset({"TESTING"})
+
+
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: config, extensions, error handlers, blueprints, CLI.
 
-    Without test_config the environment (and .env) is read; with it, its string values are
-    read as the environment would be (and nothing else is), its other values are set as given.
+    The configuration comes from one place, validated once by load_config: the environment
+    (and .env) when test_config is None; otherwise test_config alone, whose values are
+    environment strings ({"SMTP_PORT": "2525"}), except Flask's switches in FLASK_SWITCHES,
+    which are set as given before the rest is read. Raises ConfigError for a bad value and
+    TypeError for a test config value that is not a string.
     """
     app = Flask(__name__, static_folder=None)  # no static files: no unauthenticated /static
     if test_config is None:
         from dotenv import load_dotenv
 
         load_dotenv()
-        app.config.update(load_config())
+        env: Mapping[str, str] = os.environ
     else:
-        env = {k: v for k, v in test_config.items() if isinstance(v, str)}
-        loaded = load_config(env)
-        app.config.update(loaded)
-        # String values went through load_config like environment variables; the rest
-        # (TESTING, ready-made values) are laid over as they are.
-        app.config.update({k: v for k, v in test_config.items() if not isinstance(v, str)})
+        app.config.update({k: v for k, v in test_config.items() if k in FLASK_SWITCHES})
+        env = {k: v for k, v in test_config.items() if k not in FLASK_SWITCHES}
+        not_text = sorted(k for k, v in env.items() if not isinstance(v, str))
+        if not_text:
+            raise TypeError(f"test config values are environment strings: {', '.join(not_text)}")
+    app.config.update(load_config(env))
     configure_logging(app)
     register_extensions(app)
     register_error_handlers(app)
