@@ -1,4 +1,4 @@
-"""Marshmallow schemas: request bodies, responses and the stored files, all in one place."""
+"""Request schemas: what each POST body may hold."""
 
 from __future__ import annotations
 
@@ -8,45 +8,13 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate
 
 from smtp_service.errors import shown
-
-_HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)$")
-
-
-class StrictInteger(fields.Integer):
-    """An integer that refuses booleans, floats and numeric strings."""
-
-    def _validated(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.make_error("invalid")
-        return super()._validated(value)
-
-
-class StrictBoolean(fields.Boolean):
-    """true or false only: no 1, "yes" or "true" strings."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):  # 1 == True, so a set of truthy values cannot tell
-            raise self.make_error("invalid", input=value)
-        return value
-
-
-class NonEmptyString(fields.String):
-    """A string that is not empty after trimming and holds no NUL byte."""
-
-    OPENAPI = {"minLength": 1, "pattern": r"\S"}  # what the OpenAPI document says of it
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        text = super()._deserialize(value, attr, data, **kwargs)
-        if not text.strip():
-            raise ValidationError("Must be a non-empty string.")
-        if "\x00" in text:
-            raise ValidationError("Must not contain NUL characters.")
-        return text
-
-
-def _check_host(value: str) -> None:
-    if len(value) > 253 or not _HOST_PATTERN.fullmatch(value):
-        raise ValidationError("Must be a host name or IP address.")
+from smtp_service.schemas.fields import (
+    HOST_PATTERN,
+    NonEmptyString,
+    StrictBoolean,
+    StrictInteger,
+    check_host,
+)
 
 
 def _no_line_breaks(value: str) -> None:
@@ -59,9 +27,9 @@ class SmtpSettingsInput(Schema):
 
     host = NonEmptyString(
         required=True,
-        validate=_check_host,
+        validate=check_host,
         metadata={
-            "pattern": _HOST_PATTERN.pattern,
+            "pattern": HOST_PATTERN.pattern,
             "maxLength": 253,
             "example": "smtp.example.com",
         },
@@ -100,83 +68,7 @@ class SmtpSettingsInput(Schema):
         return data
 
 
-class StoredSmtpSettings(Schema):
-    """data/shared-data/{accountId}/smtp-settings.json, as the old system wrote it and as we do."""
-
-    host = NonEmptyString(required=True, validate=_check_host)
-    port = StrictInteger(required=True, validate=validate.Range(min=1, max=65535))
-    secure = StrictBoolean(load_default=False)
-    user = NonEmptyString(required=True)
-    password = NonEmptyString(required=True, data_key="pass")
-    requireTls = StrictBoolean(load_default=True)
-    updatedAt = fields.String(load_default=None)
-    updatedBy = fields.String(load_default=None, allow_none=True)
-
-    class Meta:
-        unknown = "exclude"  # fields added by other tools must not make a file unreadable
-
-
-class SmtpSettingsView(Schema):
-    """GET /api/smtp/settings."""
-
-    host = fields.String(allow_none=True)
-    port = fields.Integer(allow_none=True)
-    secure = fields.Boolean()
-    user = fields.String(allow_none=True)
-    hasPassword = fields.Boolean()
-    isGlobal = fields.Boolean()
-    requireTls = fields.Boolean()
-
-
-class SavedSettings(Schema):
-    """The settings echoed after a save: never the password."""
-
-    host = fields.String()
-    port = fields.Integer()
-    secure = fields.Boolean()
-    user = fields.String()
-    requireTls = fields.Boolean()
-    updatedAt = fields.String()
-    updatedBy = fields.String(allow_none=True)
-
-
-class SaveSettingsResponse(Schema):
-    """POST /api/smtp/settings."""
-
-    message = fields.String()
-    settings = fields.Nested(SavedSettings)
-
-
-class MessageResponse(Schema):
-    """A plain confirmation."""
-
-    message = fields.String()
-
-
-class ConnectionTestResponse(Schema):
-    """POST /api/smtp/test: success with a message, or failure with an error."""
-
-    success = fields.Boolean(required=True)
-    message = fields.String()
-    error = fields.String()
-
-
-class ErrorResponse(Schema):
-    """Every error answer."""
-
-    error = fields.String(required=True)
-    details = fields.Dict(keys=fields.String())
-    suppressed = fields.List(fields.String())  # 422 from send-email: the suppressed recipients
-
-
-class HealthResponse(Schema):
-    """GET /healthz."""
-
-    status = fields.String(required=True)
-    error = fields.String()
-
-
-# -- sending ------------------------------------------------------------------------------------
+# -- sending -------------------------------------------------------------------------------------
 
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 field name: printable, no colon
 _RESERVED_HEADERS = {
@@ -351,78 +243,6 @@ class SendEmailInput(Schema):
         return data
 
 
-class RejectedRecipient(Schema):
-    """A recipient the server refused."""
-
-    email = fields.String()
-    code = fields.Integer(allow_none=True)
-    enhancedCode = fields.String(allow_none=True)
-    reply = fields.String(allow_none=True)
-    type = fields.String()
-
-
-class SendEmailResponse(Schema):
-    """A message the server accepted."""
-
-    success = fields.Boolean(required=True)
-    messageId = fields.String()
-    transport = fields.String()
-    accepted = fields.List(fields.String())
-    rejected = fields.List(fields.String())
-
-
-class Bounce(Schema):
-    """The classification of a refusal."""
-
-    type = fields.String()
-    code = fields.Integer(allow_none=True)
-    enhancedCode = fields.String(allow_none=True)
-    recipients = fields.List(fields.String())
-
-
-class SendFailedResponse(Schema):
-    """502: the server did not take the message."""
-
-    success = fields.Boolean(required=True)
-    error = fields.String(required=True)
-    messageId = fields.String()
-    transport = fields.String()
-    bounce = fields.Nested(Bounce, allow_none=True)
-    uncertain = fields.Boolean(
-        metadata={
-            "description": "Present (true) when the connection failed after the content was "
-            "sent: the server may have the message, so it is not retried."
-        }
-    )
-
-
-class MessageEvent(Schema):
-    """One event of a message."""
-
-    type = fields.String()
-    at = fields.String()
-    detail = fields.Dict(allow_none=True)
-
-
-class MessageRecord(Schema):
-    """GET /api/messages/<messageId>."""
-
-    messageId = fields.String()
-    status = fields.String()
-    from_ = fields.String(data_key="from")
-    recipients = fields.List(fields.String())
-    subject = fields.String()
-    transport = fields.String()
-    accepted = fields.List(fields.String())
-    rejected = fields.List(fields.Nested(RejectedRecipient))
-    smtpReply = fields.String(allow_none=True)
-    durationMs = fields.Float()
-    createdAt = fields.String()
-    opens = fields.Integer()
-    firstOpenedAt = fields.String(allow_none=True)
-    events = fields.List(fields.Nested(MessageEvent))
-
-
 class SenderInput(Schema):
     """POST /api/senders."""
 
@@ -436,34 +256,3 @@ class SenderInput(Schema):
         validate=[validate.Length(max=200), _no_control_chars],
         metadata={"example": "Sender"},
     )
-
-
-class Sender(Schema):
-    """A verified sender of the account."""
-
-    email = fields.String()
-    name = fields.String(allow_none=True)
-    createdAt = fields.String()
-
-
-class SenderList(Schema):
-    """GET /api/senders."""
-
-    senders = fields.List(fields.Nested(Sender))
-
-
-class Suppression(Schema):
-    """An address the account will not send to."""
-
-    email = fields.String()
-    reason = fields.String()
-    code = fields.Integer(allow_none=True)
-    enhancedCode = fields.String(allow_none=True)
-    messageId = fields.String(allow_none=True)
-    createdAt = fields.String()
-
-
-class SuppressionList(Schema):
-    """GET /api/suppressions."""
-
-    suppressions = fields.List(fields.Nested(Suppression))
