@@ -18,6 +18,7 @@ from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_crea
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import TransportPool
+from smtp_service.services.records import MessageRecords
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
 from smtp_service.services.transport import Secret, SmtpEndpoint, connect
@@ -46,6 +47,7 @@ class Services:
         )
         self.senders = SenderService(self.files)
         self.messages = MessageLog(os.path.join(self.data_dir, "messages.sqlite3"))
+        self.records = MessageRecords(self.messages)
         self.pool = TransportPool(
             functools.partial(connect, timeout=config["SMTP_TIMEOUT"], guard=self.guard),
             size=config["SMTP_POOL_SIZE"],

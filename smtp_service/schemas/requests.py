@@ -1,13 +1,14 @@
-"""Request schemas: what each POST body may hold."""
+"""Request schemas: what each POST body may hold; loading one gives the service's input."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate
 
-from smtp_service.errors import shown
 from smtp_service.schemas.fields import (
     HOST_PATTERN,
     NonEmptyString,
@@ -15,6 +16,10 @@ from smtp_service.schemas.fields import (
     StrictInteger,
     check_host,
 )
+from smtp_service.services import domain
+from smtp_service.services.compose import MAX_MAILBOX_LENGTH
+from smtp_service.services.errors import shown
+from smtp_service.services.transport import Secret, SmtpEndpoint
 
 
 def _no_line_breaks(value: str) -> None:
@@ -59,13 +64,17 @@ class SmtpSettingsInput(Schema):
         return data
 
     @post_load
-    def _secure_default(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+    def _endpoint(self, data: dict[str, Any], **_kwargs: Any) -> SmtpEndpoint:
         # The spec: secure is optional, and forced true for port 465 (implicit TLS).
-        if data["port"] == 465:
-            data["secure"] = True
-        elif data["secure"] is None:
-            data["secure"] = False
-        return data
+        secure = True if data["port"] == 465 else bool(data["secure"])
+        return SmtpEndpoint(
+            host=data["host"],
+            port=data["port"],
+            secure=secure,
+            user=data["user"],
+            password=Secret(data["password"]),
+            require_tls=data["requireTls"],
+        )
 
 
 # -- sending -------------------------------------------------------------------------------------
@@ -93,7 +102,6 @@ _RESERVED_HEADERS = {
 _HEADER_UNSAFE = "\u0000-\u0008\u000a-\u001f\u007f\u0085\u2028\u2029"
 _HEADER_UNSAFE_CHAR = re.compile(f"[{_HEADER_UNSAFE}]")
 _HEADER_SAFE = f"^[^{_HEADER_UNSAFE}]*$"  # the same rule, as the OpenAPI document's pattern
-MAX_MAILBOX_LENGTH = 320  # one address with its display name: well inside a 998-byte line
 MAX_HEADERS = 100
 MAX_HEADER_VALUE_LENGTH = 998
 MAX_ATTACHMENTS = 100
@@ -139,6 +147,17 @@ class AddressList(fields.Field):
         return [i.strip() for i in items if i.strip()]
 
 
+class Base64Bytes(fields.String):
+    """Bytes sent as standard base64 text (loaded as the decoded bytes)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError("Must be base64.") from None
+
+
 class Attachment(Schema):
     """One attachment: base64 content."""
 
@@ -147,13 +166,17 @@ class Attachment(Schema):
         validate=[validate.Length(max=255), _no_control_chars],
         metadata={"example": "hello.txt"},
     )
-    content = fields.String(required=True, metadata={"format": "byte", "example": "aGVsbG8="})
+    content = Base64Bytes(required=True, metadata={"format": "byte", "example": "aGVsbG8="})
     # ASCII, and no "text/plain\n" through the regex's "$" (a blank line in the part's header)
     contentType = fields.String(
         load_default="application/octet-stream",
         validate=[_no_control_chars, validate.Regexp(r"^[\w.+-]+/[\w.+-]+$", flags=re.ASCII)],
         metadata={"example": "text/plain"},
     )
+
+    @post_load
+    def _attachment(self, data: dict[str, Any], **_kwargs: Any) -> domain.Attachment:
+        return domain.Attachment(data["filename"], data["contentType"], data["content"])
 
 
 class HeaderMap(fields.Dict):
@@ -198,7 +221,7 @@ class HeaderMap(fields.Dict):
 class SendEmailInput(Schema):
     """POST /api/messages/send-email."""
 
-    # what the OpenAPI document says of the whole body (see _needs_a_body)
+    # what the OpenAPI document says of the whole body (see _request)
     OPENAPI = {
         "anyOf": [
             {"required": ["text"], "properties": {"text": {"type": "string"}}},
@@ -235,12 +258,24 @@ class SendEmailInput(Schema):
     trackOpens = StrictBoolean(load_default=True, metadata={"example": True})
 
     @post_load
-    def _needs_a_body(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+    def _request(self, data: dict[str, Any], **_kwargs: Any) -> domain.SendRequest:
         if data["text"] is None and data["html"] is None:
             raise ValidationError("At least one of text or html is required.", "text")
         if not data["to"]:
             raise ValidationError("At least one recipient is required.", "to")
-        return data
+        return domain.SendRequest(
+            sender=data["from_"],
+            to=data["to"],
+            cc=data["cc"],
+            bcc=data["bcc"],
+            reply_to=data["replyTo"],
+            subject=data["subject"],
+            text=data["text"],
+            html=data["html"],
+            headers=data["headers"],
+            attachments=data["attachments"],
+            track_opens=data["trackOpens"],
+        )
 
 
 class SenderInput(Schema):

@@ -1,8 +1,19 @@
-"""Response schemas: what each route answers, for the OpenAPI document."""
+"""Response schemas: the views dump every JSON answer through these, and the OpenAPI document
+is generated from them, so what the document says is what the service sends.
+
+Schemas that answer with a domain value (a SendResult, the active settings) say in a pre_dump
+hook how that value reads in JSON; the others dump the plain dicts the services return.
+"""
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields
+from typing import TYPE_CHECKING, Any
+
+from marshmallow import Schema, fields, pre_dump
+
+if TYPE_CHECKING:  # only named in hints: the services import the stored-file schema
+    from smtp_service.services.domain import SendResult
+    from smtp_service.services.settings import ActiveSettings
 
 
 class SmtpSettingsView(Schema):
@@ -16,17 +27,30 @@ class SmtpSettingsView(Schema):
     isGlobal = fields.Boolean()
     requireTls = fields.Boolean()
 
+    @pre_dump
+    def _from_settings(self, active: ActiveSettings, **_kwargs: Any) -> dict[str, Any]:
+        e = active.endpoint
+        return {
+            "host": e.host if e else None,
+            "port": e.port if e else None,
+            "secure": e.secure if e else False,
+            "user": e.user if e else None,
+            "hasPassword": bool(e and e.password),
+            "isGlobal": active.is_global,
+            "requireTls": e.require_tls if e else True,
+        }
+
 
 class SavedSettings(Schema):
-    """The settings echoed after a save: never the password."""
+    """The settings echoed after a save (a StoredSettings): never the password."""
 
-    host = fields.String()
-    port = fields.Integer()
-    secure = fields.Boolean()
-    user = fields.String()
-    requireTls = fields.Boolean()
-    updatedAt = fields.String()
-    updatedBy = fields.String(allow_none=True)
+    host = fields.String(attribute="endpoint.host")
+    port = fields.Integer(attribute="endpoint.port")
+    secure = fields.Boolean(attribute="endpoint.secure")
+    user = fields.String(attribute="endpoint.user")
+    requireTls = fields.Boolean(attribute="endpoint.require_tls")
+    updatedAt = fields.String(attribute="updated_at")
+    updatedBy = fields.String(attribute="updated_by", allow_none=True)
 
 
 class SaveSettingsResponse(Schema):
@@ -79,7 +103,7 @@ class RejectedRecipient(Schema):
 
 
 class SendEmailResponse(Schema):
-    """A message the server accepted."""
+    """A message the server accepted (a SendResult with outcome "sent")."""
 
     success = fields.Boolean(required=True)
     messageId = fields.String()
@@ -87,18 +111,28 @@ class SendEmailResponse(Schema):
     accepted = fields.List(fields.String())
     rejected = fields.List(fields.String())
 
+    @pre_dump
+    def _from_result(self, result: SendResult, **_kwargs: Any) -> dict[str, Any]:
+        return {
+            "success": True,
+            "messageId": result.message_id,
+            "transport": result.transport,
+            "accepted": result.accepted,
+            "rejected": [r.email for r in result.rejected],
+        }
+
 
 class Bounce(Schema):
     """The classification of a refusal."""
 
     type = fields.String()
     code = fields.Integer(allow_none=True)
-    enhancedCode = fields.String(allow_none=True)
+    enhancedCode = fields.String(attribute="enhanced_code", allow_none=True)
     recipients = fields.List(fields.String())
 
 
 class SendFailedResponse(Schema):
-    """502: the server did not take the message."""
+    """502: the server did not take the message (a SendResult "failed" or "bounced")."""
 
     success = fields.Boolean(required=True)
     error = fields.String(required=True)
@@ -111,6 +145,19 @@ class SendFailedResponse(Schema):
             "sent: the server may have the message, so it is not retried."
         }
     )
+
+    @pre_dump
+    def _from_result(self, result: SendResult, **_kwargs: Any) -> dict[str, Any]:
+        answer = {
+            "success": False,
+            "messageId": result.message_id,
+            "transport": result.transport,
+            "error": result.error,
+            "bounce": result.bounce,
+        }
+        if result.uncertain:
+            answer["uncertain"] = True
+        return answer
 
 
 class MessageEvent(Schema):
@@ -126,7 +173,7 @@ class MessageRecord(Schema):
 
     messageId = fields.String()
     status = fields.String()
-    from_ = fields.String(data_key="from")
+    from_ = fields.String(data_key="from", attribute="from")
     recipients = fields.List(fields.String())
     subject = fields.String()
     transport = fields.String()
@@ -148,7 +195,7 @@ class Sender(Schema):
 
     email = fields.String()
     name = fields.String(allow_none=True)
-    createdAt = fields.String()
+    createdAt = fields.String(attribute="created_at")
 
 
 class SenderList(Schema):

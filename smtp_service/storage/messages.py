@@ -515,8 +515,10 @@ class MessageLog:
         body_hash: str,
         ttl_seconds: int = 86400,
         abandoned_seconds: int = 300,
-    ) -> tuple[str, int | None, dict | None]:
-        """Claim an Idempotency-Key: ("new"|"replay"|"conflict"|"pending", status, body).
+    ) -> tuple[str, dict | None]:
+        """Claim an Idempotency-Key: ("new"|"replay"|"conflict"|"pending", stored result).
+
+        The stored result (what complete() stored) comes with "replay" only; None otherwise.
 
         A claim still pending after `abandoned_seconds` belonged to a worker that died mid-send
         (gunicorn kills a request after 60 s): a retry then takes it over instead of being
@@ -539,7 +541,7 @@ class MessageLog:
                     " VALUES (?, ?, ?, ?)",
                     (account_id, key, body_hash, now),
                 )
-                return "new", None, None
+                return "new", None
             stored_hash, status, body, created_at = row
             if (
                 status is None
@@ -550,19 +552,20 @@ class MessageLog:
                     "UPDATE idempotency SET created_at = ? WHERE account_id = ? AND key = ?",
                     (now, account_id, key),
                 )
-                return "new", None, None
+                return "new", None
         if stored_hash != body_hash:
-            return "conflict", None, None
+            return "conflict", None
         if status is None:
-            return "pending", None, None
-        return "replay", status, json.loads(body)
+            return "pending", None
+        return "replay", json.loads(body)
 
-    def complete(self, account_id: str, key: str, status: int, body: dict) -> None:
-        """Store the response of a claimed key, for replays."""
+    def complete(self, account_id: str, key: str, result: dict) -> None:
+        """Store the result of a claimed key (a JSON-ready dict), for replays."""
         with self._write() as db:
+            # status 0 marks the claim completed (NULL is pending); the result is in body.
             db.execute(
-                "UPDATE idempotency SET status = ?, body = ? WHERE account_id = ? AND key = ?",
-                (status, json.dumps(body), account_id, key),
+                "UPDATE idempotency SET status = 0, body = ? WHERE account_id = ? AND key = ?",
+                (json.dumps(result), account_id, key),
             )
 
     def release(self, account_id: str, key: str) -> None:
