@@ -1,10 +1,11 @@
-"""Per-worker caches: a bounded, locked LRU."""
+"""Per-worker caches: a locked LRU, and parsed files reused while the file is unchanged."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -48,3 +49,46 @@ class LRUCache(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+# What identifies one version of a file that is always replaced whole (write to a temporary
+# file, rename): a new inode, and new times and size.
+FileVersion = tuple[int, int, int, int]
+
+
+class FileCache(Generic[V]):
+    """What was parsed from a file, reused while the file is unchanged; LRU-bounded.
+
+    Every get() looks at the file (one stat), so a change made by another worker or instance is
+    seen at once; only the parsing is skipped. The file is stat'ed before it is read, so a
+    version replaced meanwhile is cached under the older signature and read again next time.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._entries: LRUCache[str, tuple[FileVersion, V]] = LRUCache(size)
+
+    def get(self, key: str, path: str, load: Callable[[], V | None]) -> V | None:
+        """The value for the file at `path`: cached while unchanged, else `load()`.
+
+        None (and nothing cached) when the file does not exist or `load` returns None; what
+        `load` raises is raised and nothing is cached.
+        """
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._entries.discard(key)
+            return None
+        version = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        cached = self._entries.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        value = load()
+        if value is None:
+            self._entries.discard(key)
+        else:
+            self._entries.put(key, (version, value))
+        return value
+
+    def discard(self, key: str) -> None:
+        """Forget the value for `key` (after this worker changed the file)."""
+        self._entries.discard(key)

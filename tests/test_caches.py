@@ -1,10 +1,13 @@
-"""The per-worker LRU: bounded, least recently used first, safe across threads."""
+"""The per-worker caches: a locked LRU, and parsed files reused while the file is unchanged."""
 
 from __future__ import annotations
 
+import os
 import threading
 
-from smtp_service.caches import LRUCache
+import pytest
+
+from smtp_service.caches import FileCache, LRUCache
 
 
 def test_lru_drops_the_least_recently_used():
@@ -45,3 +48,49 @@ def test_concurrent_use_stays_bounded_and_never_raises():
     for t in threads:
         t.join()
     assert errors == [] and len(cache) <= 50
+
+
+def _replace(path, text: str) -> None:
+    """Replace the file whole, as the service's writers do (a new inode)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def test_file_cache_parses_once_per_version(tmp_path):
+    path = tmp_path / "doc.json"
+    loads: list[str] = []
+
+    def load() -> str:
+        text = path.read_text()
+        loads.append(text)
+        return text
+
+    cache: FileCache[str] = FileCache(10)
+    assert cache.get("k", str(path), load) is None  # no file: nothing loaded
+    _replace(path, "one")
+    assert cache.get("k", str(path), load) == "one"
+    assert cache.get("k", str(path), load) == "one"
+    assert loads == ["one"]
+    _replace(path, "two!")  # another worker's save
+    assert cache.get("k", str(path), load) == "two!"
+    assert loads == ["one", "two!"]
+    os.unlink(path)
+    assert cache.get("k", str(path), load) is None
+
+
+def test_file_cache_keeps_no_failure(tmp_path):
+    path = tmp_path / "doc.json"
+    _replace(path, "x")
+    calls = []
+
+    def broken() -> str:
+        calls.append(1)
+        raise ValueError("unparseable")
+
+    cache: FileCache[str] = FileCache(10)
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            cache.get("k", str(path), broken)
+    assert len(calls) == 2

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from smtp_service.caches import FileCache
 from smtp_service.services.compose import MAX_MAILBOX_LENGTH, parse_mailbox
 from smtp_service.services.errors import SenderExists, SenderNotFound, shown
 from smtp_service.storage.files import AccountFiles
 from smtp_service.timestamps import iso_utc
 
 SENDERS_FILE = "senders.json"
+_CACHE_SIZE = 10_000  # accounts whose parsed senders a worker keeps
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,15 @@ class _Senders:
 
 
 class SenderService:
-    """Per-account list of verified sender addresses, in DATA_DIR/shared-data/{id}/senders.json."""
+    """Per-account list of verified sender addresses, in DATA_DIR/shared-data/{id}/senders.json.
+
+    The list is read on every send: the parsed file is kept per worker while it is unchanged
+    (one stat per call), so a change by another worker is seen at once.
+    """
 
     def __init__(self, files: AccountFiles) -> None:
         self.files = files
+        self._cache: FileCache[_Senders] = FileCache(_CACHE_SIZE)
 
     def list(self, account_id: str) -> tuple[Sender, ...]:
         """The account's senders, oldest first (none when it has no file)."""
@@ -60,6 +67,7 @@ class SenderService:
             return {"senders": [*current, sender.as_stored()]}
 
         self.files.update(account_id, SENDERS_FILE, _add)
+        self._cache.discard(account_id)
         return sender
 
     def remove(self, account_id: str, email: str) -> None:
@@ -75,8 +83,13 @@ class SenderService:
             return {"senders": kept}
 
         self.files.update(account_id, SENDERS_FILE, _remove)
+        self._cache.discard(account_id)
 
     def _load(self, account_id: str) -> _Senders:
+        path = self.files.path(account_id, SENDERS_FILE)
+        return self._cache.get(account_id, path, lambda: self._read(account_id)) or _NONE
+
+    def _read(self, account_id: str) -> _Senders:
         try:
             doc = self.files.read(account_id, SENDERS_FILE)
         except ValueError:  # unparseable: no senders (the next add replaces it)
@@ -88,3 +101,6 @@ class SenderService:
             if isinstance(s, dict) and isinstance(s.get("email"), str)
         )
         return _Senders(senders, frozenset(s.email.lower() for s in senders))
+
+
+_NONE = _Senders((), frozenset())

@@ -10,6 +10,7 @@ from typing import Any
 
 from marshmallow import ValidationError
 
+from smtp_service.caches import FileCache
 from smtp_service.schemas.stored import StoredSmtpSettings
 from smtp_service.services.crypto import SecretBox, SecretError
 from smtp_service.services.errors import InvalidInput
@@ -72,7 +73,7 @@ class SettingsService:
         # Called with the account id after a save or delete (the sending pool drops its
         # connections); other workers notice the change through the settings fingerprint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
-        self._cache: dict[str, tuple[tuple[int, int, int, int], StoredSettings]] = {}
+        self._cache: FileCache[StoredSettings] = FileCache(_CACHE_SIZE)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -84,21 +85,7 @@ class SettingsService:
         (every save replaces the file, so its inode, mtime and size identify one version).
         """
         path = self.files.path(account_id, SETTINGS_FILE)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            self._cache.pop(account_id, None)
-            return None
-        signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-        cached = self._cache.get(account_id)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        loaded = self._load_file(account_id)
-        if loaded is not None:
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.pop(next(iter(self._cache)), None)
-            self._cache[account_id] = (signature, loaded)
-        return loaded
+        return self._cache.get(account_id, path, lambda: self._load_file(account_id))
 
     def _load_file(self, account_id: str) -> StoredSettings | None:
         try:
@@ -162,7 +149,7 @@ class SettingsService:
             "updatedBy": stored.updated_by,
         }
         self.files.write(account_id, SETTINGS_FILE, document)
-        self._cache.pop(account_id, None)
+        self._cache.discard(account_id)
         self.on_change(account_id)
         log.info(
             "account %s: SMTP settings saved by %s (host %s:%s)",
@@ -176,7 +163,7 @@ class SettingsService:
     def delete(self, account_id: str) -> bool:
         """Remove the account's settings; True when there were some."""
         existed = self.files.delete(account_id, SETTINGS_FILE)
-        self._cache.pop(account_id, None)
+        self._cache.discard(account_id)
         self.on_change(account_id)
         if existed:
             log.info("account %s: SMTP settings removed", account_id)
