@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 
 from smtp_service.caches import FileCache
 from smtp_service.schemas.stored import StoredSmtpSettings
-from smtp_service.services.crypto import SecretBox, SecretError
+from smtp_service.services.crypto import SecretBox, SecretError, is_encrypted
 from smtp_service.services.errors import InvalidInput
 from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused
 from smtp_service.services.transport import (
@@ -192,7 +192,7 @@ class SettingsService:
                     counts["failed"] += 1
                     return doc
                 stored = doc["pass"]
-                if self.box.is_current(stored) or (only_plaintext and stored.startswith("enc:")):
+                if self.box.is_current(stored) or (only_plaintext and is_encrypted(stored)):
                     counts["unchanged"] += 1
                     return doc
                 try:
