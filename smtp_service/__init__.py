@@ -18,6 +18,7 @@ from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_crea
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import TransportPool
+from smtp_service.services.records import MessageRecords
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
 from smtp_service.services.transport import Secret, SmtpEndpoint, connect
@@ -56,6 +57,7 @@ class Services:
         self.messages = MessageLog(self.database)
         self.suppressions = SuppressionList(self.database)
         self.idempotency = IdempotencyStore(self.database)
+        self.records = MessageRecords(self.messages, self.suppressions)
         self.pool = TransportPool(
             functools.partial(connect, timeout=config["SMTP_TIMEOUT"], guard=self.guard),
             size=config["SMTP_POOL_SIZE"],
@@ -109,25 +111,33 @@ def global_endpoint(config: Mapping[str, Any]) -> SmtpEndpoint | None:
     )
 
 
+# Flask's own switches that a test config may set as they are (TESTING=True); every other key of
+# a test config is an environment variable, read by load_config like the real environment.
+FLASK_SWITCHES = frozenset({"TESTING"})
+
+
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: config, extensions, error handlers, blueprints, CLI.
 
-    Without test_config the environment (and .env) is read; with it, its string values are
-    read as the environment would be (and nothing else is), its other values are set as given.
+    The configuration comes from one place, validated once by load_config: the environment
+    (and .env) when test_config is None; otherwise test_config alone, whose values are
+    environment strings ({"SMTP_PORT": "2525"}), except Flask's switches in FLASK_SWITCHES,
+    which are set as given before the rest is read. Raises ConfigError for a bad value and
+    TypeError for a test config value that is not a string.
     """
     app = Flask(__name__, static_folder=None)  # no static files: no unauthenticated /static
     if test_config is None:
         from dotenv import load_dotenv
 
         load_dotenv()
-        app.config.update(load_config())
+        env: Mapping[str, str] = os.environ
     else:
-        env = {k: v for k, v in test_config.items() if isinstance(v, str)}
-        loaded = load_config(env)
-        app.config.update(loaded)
-        # String values went through load_config like environment variables; the rest
-        # (TESTING, ready-made values) are laid over as they are.
-        app.config.update({k: v for k, v in test_config.items() if not isinstance(v, str)})
+        app.config.update({k: v for k, v in test_config.items() if k in FLASK_SWITCHES})
+        env = {k: v for k, v in test_config.items() if k not in FLASK_SWITCHES}
+        not_text = sorted(k for k, v in env.items() if not isinstance(v, str))
+        if not_text:
+            raise TypeError(f"test config values are environment strings: {', '.join(not_text)}")
+    app.config.update(load_config(env))
     configure_logging(app)
     register_extensions(app)
     register_error_handlers(app)
@@ -146,15 +156,12 @@ def configure_logging(app: Flask) -> None:
 
 
 def register_extensions(app: Flask) -> None:
-    """Bind flask-jwt-extended and build the service container."""
+    """Bind flask-jwt-extended (with its token cache) and build the service container."""
     from smtp_service.auth import init_auth
-    from smtp_service.extensions import TOKEN_CACHE_KEY, VerifiedTokens, jwt
+    from smtp_service.extensions import jwt
 
     jwt.init_app(app)
     init_auth()
-    app.extensions[TOKEN_CACHE_KEY] = VerifiedTokens(
-        size=app.config["JWT_CACHE_SIZE"], leeway=app.config["JWT_DECODE_LEEWAY"]
-    )
     app.extensions["smtp_service"] = Services(app.config)
 
 

@@ -1,4 +1,9 @@
-"""Domain errors and the one handler that turns every exception into a JSON answer."""
+"""The edge of the app: how every error is answered, as JSON, in one place.
+
+Services raise domain errors (smtp_service.services.errors) that say what happened; STATUS says
+how each kind is answered. ApiError is for the few refusals that are about HTTP itself (a wrong
+Content-Type, a malformed body or header).
+"""
 
 from __future__ import annotations
 
@@ -9,48 +14,67 @@ from flask import Flask, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from smtp_service.schemas.responses import ErrorResponse
+from smtp_service.services.errors import (
+    DomainError,
+    IdempotencyConflict,
+    IdempotencyPending,
+    InvalidInput,
+    MessageTooLarge,
+    NoServerConfigured,
+    NotFound,
+    RecipientsSuppressed,
+    SenderExists,
+    SenderNotVerified,
+    shown,
+)
+
+__all__ = ["STATUS", "ApiError", "register_error_handlers", "shown", "status_of"]
+
 log = logging.getLogger(__name__)
 
+# Domain error -> HTTP status. A subclass answers as its nearest listed ancestor (every NotFound
+# is a 404); a DomainError not listed here is a bug and answers 500.
+STATUS: dict[type[DomainError], int] = {
+    InvalidInput: 400,
+    SenderNotVerified: 403,
+    NotFound: 404,
+    SenderExists: 409,
+    IdempotencyConflict: 409,
+    IdempotencyPending: 409,
+    MessageTooLarge: 413,
+    RecipientsSuppressed: 422,
+    NoServerConfigured: 503,
+}
 
-def shown(text: str, limit: int) -> str:
-    """A client's value as an error message may quote it: at most `limit` characters."""
-    return text if len(text) <= limit else text[:limit] + "..."
+_ERROR_BODY = ErrorResponse()
 
 
 class ApiError(Exception):
-    """An error raised on purpose: it carries its HTTP status and a message safe to show."""
+    """A refusal about the HTTP request itself, with its status and a message safe to show."""
 
-    status = 400
-
-    def __init__(self, message: str, status: int | None = None, **extra: Any) -> None:
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.message = message
-        if status is not None:
-            self.status = status
-        self.extra = extra
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body of the answer."""
-        return {"error": self.message, **self.extra}
+        self.status = status
 
 
-class ValidationFailed(ApiError):
-    """Input did not pass its schema; details map each field to its messages."""
-
-    def __init__(self, details: dict[str, Any]) -> None:
-        super().__init__("Validation failed", 400, details=details)
-
-
-class Unauthorized(ApiError):
-    """No usable credentials."""
-
-    status = 401
+def status_of(exc: DomainError) -> int:
+    """The HTTP status that answers a domain error (500 for one missing from STATUS)."""
+    for kind in type(exc).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return 500
 
 
-class NotFound(ApiError):
-    """The thing asked for does not exist for this account."""
-
-    status = 404
+def error_body(exc: DomainError) -> dict[str, Any]:
+    """The JSON body for a domain error: {"error": message}, plus what the kind carries."""
+    body: dict[str, Any] = {"error": exc.message}
+    if isinstance(exc, InvalidInput):
+        body["details"] = exc.fields
+    elif isinstance(exc, RecipientsSuppressed):
+        body["suppressed"] = list(exc.addresses)
+    return _ERROR_BODY.dump(body)
 
 
 _HTTP_MESSAGES = {
@@ -65,13 +89,20 @@ _HTTP_MESSAGES = {
 def register_error_handlers(app: Flask) -> None:
     """Install the handlers so that every error leaves the app as JSON."""
 
+    @app.errorhandler(DomainError)
+    def _domain_error(exc: DomainError):
+        status = status_of(exc)
+        if status == 500:
+            return _unexpected(exc)
+        return jsonify(error_body(exc)), status
+
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return jsonify(exc.body()), exc.status
+        return jsonify(_ERROR_BODY.dump({"error": exc.message})), exc.status
 
     @app.errorhandler(ValidationError)
     def _validation_error(exc: ValidationError):
-        return _api_error(ValidationFailed(_as_details(exc.messages)))
+        return _domain_error(InvalidInput(_as_details(exc.messages)))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

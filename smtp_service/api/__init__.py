@@ -6,10 +6,11 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import current_app, request
+from flask import Response, current_app, jsonify, request
 from marshmallow import Schema
 
-from smtp_service.errors import ApiError, ValidationFailed
+from smtp_service.errors import ApiError
+from smtp_service.services.errors import InvalidInput
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -19,8 +20,18 @@ def services() -> Any:
     return current_app.extensions["smtp_service"]
 
 
-def json_body(schema: Schema) -> dict[str, Any]:
-    """The request's JSON object, loaded through `schema`; a JSON error for anything else."""
+def answer(schema: Schema, value: Any, status: int = 200) -> tuple[Response, int]:
+    """`value` dumped through its response schema, as a JSON answer with `status`."""
+    return jsonify(schema.dump(value)), status
+
+
+def json_body(schema: Schema) -> Any:
+    """The request's JSON object loaded through `schema` (what its post_load makes of it).
+
+    ApiError 415/413/400 for a body that is not JSON, too large or malformed; InvalidInput
+    (400) for one that is not an object or holds NUL or an unpaired surrogate; marshmallow's
+    ValidationError (400) for one the schema refuses.
+    """
     if not request.is_json:
         raise ApiError("Content-Type must be application/json", 415)
     # A body over MAX_CONTENT_LENGTH with a Content-Length is refused (413) as it is read; a
@@ -37,7 +48,7 @@ def json_body(schema: Schema) -> dict[str, Any]:
     if data is None:
         raise ApiError("Malformed JSON body", 400)
     if not isinstance(data, dict):
-        raise ValidationFailed({"_schema": ["Expected a JSON object."]})
+        raise InvalidInput({"_schema": ["Expected a JSON object."]})
     _refuse_unusable_strings(data)
     return schema.load(data)
 
@@ -71,7 +82,7 @@ def _refuse(path: tuple[str, ...], text: str) -> None:
     ]
     for key in reversed(path):  # nested like marshmallow's: {"attachments": {"0": {...}}}
         message = {key: message}
-    raise ValidationFailed(message if path else {"_schema": message})
+    raise InvalidInput(message if path else {"_schema": message})
 
 
 # What a documented status answers: a schema (JSON), several schemas (JSON, any of them), a

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint
 
-from smtp_service.api import documented, services
+from smtp_service.api import answer, documented, services
 from smtp_service.schemas import HealthResponse
 
 bp = Blueprint("health", __name__)
+_HEALTH = HealthResponse()
 
 
 @bp.get("/healthz")
@@ -15,5 +16,5 @@ bp = Blueprint("health", __name__)
 def healthz():
     """200 when the data folder is writable, else 503."""
     if services().data_dir_writable():
-        return jsonify({"status": "ok"})
-    return jsonify({"status": "error", "error": "data folder is not writable"}), 503
+        return answer(_HEALTH, {"status": "ok"})
+    return answer(_HEALTH, {"status": "error", "error": "data folder is not writable"}, 503)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, request
 
-from smtp_service.api import documented, json_body, services
+from smtp_service.api import answer, documented, json_body, services
 from smtp_service.auth import current_caller
-from smtp_service.errors import ApiError, NotFound
+from smtp_service.errors import ApiError
 from smtp_service.schemas import (
     ErrorResponse,
     MessageRecord,
@@ -19,6 +19,9 @@ bp = Blueprint("messages", __name__, url_prefix="/api/messages")
 
 _MAX_KEY_LENGTH = 255
 _SEND_INPUT = SendEmailInput()  # schemas hold no per-load state; building one costs ~0.5 ms
+_SENT = SendEmailResponse()
+_NOT_SENT = SendFailedResponse()
+_RECORD = MessageRecord()
 
 
 @bp.post("/send-email")
@@ -45,9 +48,11 @@ def send_email():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _MAX_KEY_LENGTH and key.isprintable()):
         raise ApiError("Idempotency-Key must be 1-255 printable characters", 400)
-    data = json_body(_SEND_INPUT)
-    status, body = services().mailer.send(caller.account_id, data, key)
-    return jsonify(body), status
+    send_request = json_body(_SEND_INPUT)
+    result = services().mailer.send(caller.account_id, send_request, key)
+    if result.sent:
+        return answer(_SENT, result)
+    return answer(_NOT_SENT, result, 502)
 
 
 @bp.get("/<path:message_id>")
@@ -58,7 +63,4 @@ def send_email():
 def get_message(message_id: str):
     """GET /api/messages/<messageId> (the account's own messages only)."""
     caller = current_caller()
-    record = services().messages.get(caller.account_id, message_id)
-    if record is None:
-        raise NotFound("Message not found")
-    return jsonify(record)
+    return answer(_RECORD, services().records.get(caller.account_id, message_id))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint
 from flask.views import MethodView
 
-from smtp_service.api import documented, json_body, services
+from smtp_service.api import answer, documented, json_body, services
 from smtp_service.auth import current_caller
 from smtp_service.schemas import (
     ConnectionTestResponse,
@@ -20,6 +20,11 @@ from smtp_service.services.transport import TransportError
 bp = Blueprint("settings", __name__, url_prefix="/api/smtp")
 
 _AUTH_ERRORS = {401: ErrorResponse}
+_SETTINGS_INPUT = SmtpSettingsInput()
+_VIEW = SmtpSettingsView()
+_SAVED = SaveSettingsResponse()
+_MESSAGE = MessageResponse()
+_TESTED = ConnectionTestResponse()
 
 
 class SettingsResource(MethodView):
@@ -31,7 +36,7 @@ class SettingsResource(MethodView):
     )
     def get(self):
         caller = current_caller()
-        return jsonify(services().settings.view(caller.account_id))
+        return answer(_VIEW, services().settings.active(caller.account_id))
 
     @documented(
         "Save the account's SMTP settings",
@@ -46,9 +51,9 @@ class SettingsResource(MethodView):
     )
     def post(self):
         caller = current_caller()
-        data = json_body(SmtpSettingsInput())
-        saved = services().settings.save(caller.account_id, caller.user_id, data)
-        return jsonify({"message": "SMTP settings saved successfully", "settings": saved})
+        endpoint = json_body(_SETTINGS_INPUT)
+        saved = services().settings.save(caller.account_id, caller.user_id, endpoint)
+        return answer(_SAVED, {"message": "SMTP settings saved successfully", "settings": saved})
 
     @documented(
         "Remove the account's SMTP settings (fall back to global)",
@@ -57,7 +62,8 @@ class SettingsResource(MethodView):
     def delete(self):
         caller = current_caller()
         services().settings.delete(caller.account_id)
-        return jsonify({"message": "SMTP settings removed. System will use global SMTP settings."})
+        removed = "SMTP settings removed. System will use global SMTP settings."
+        return answer(_MESSAGE, {"message": removed})
 
 
 @bp.post("/test")
@@ -75,12 +81,13 @@ class SettingsResource(MethodView):
 def test_connection():
     """POST /api/smtp/test."""
     current_caller()
-    data = json_body(SmtpSettingsInput())
+    endpoint = json_body(_SETTINGS_INPUT)
     try:
-        services().settings.test(data)
+        services().settings.test(endpoint)
     except TransportError as exc:
-        return jsonify({"success": False, "error": f"SMTP connection test failed: {exc.text}"}), 400
-    return jsonify({"success": True, "message": "SMTP connection test successful"})
+        failed = {"success": False, "error": f"SMTP connection test failed: {exc.text}"}
+        return answer(_TESTED, failed, 400)
+    return answer(_TESTED, {"success": True, "message": "SMTP connection test successful"})
 
 
 bp.add_url_rule("/settings", view_func=SettingsResource.as_view("settings"))

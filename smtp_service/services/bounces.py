@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
@@ -27,6 +29,11 @@ class Refusal:
             "reply": self.reply,
             "type": self.type,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Refusal:
+        """The refusal as_dict() wrote."""
+        return cls(data["email"], data["code"], data["enhancedCode"], data["reply"], data["type"])
 
 
 def enhanced_code(reply: str | None) -> str | None:

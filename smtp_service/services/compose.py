@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import html as html_lib
 import re
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 from email.policy import EmailPolicy
 from email.utils import format_datetime, getaddresses
-from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
-from smtp_service.errors import ValidationFailed, shown
+from smtp_service.services.errors import InvalidInput, shown
 
 
 class _CachedHeaderRegistry(HeaderRegistry):
@@ -124,44 +122,35 @@ class Mailbox:
 
 
 MAX_DISPLAY_NAME = 128  # folding a long non-ASCII name costs ~0.6 ms a character
+MAX_MAILBOX_LENGTH = 320  # one address with its display name: well inside a 998-byte line
 
 
 @functools.lru_cache(maxsize=10_000)
 def parse_mailbox(text: str, field: str) -> Mailbox:
-    """'a@b.example' or 'Name <a@b.example>' -> Mailbox; ValidationFailed naming the field.
+    """'a@b.example' or 'Name <a@b.example>' -> Mailbox; InvalidInput naming the field.
 
     The same senders and recipients come back all the time and checking one costs ~0.1 ms, so
     the results (immutable Mailboxes) are kept, least recently used dropped first; a refusal
     raises and is not kept."""
     pairs = getaddresses([text])
     if len(pairs) != 1 or not pairs[0][1]:
-        raise ValidationFailed({field: [f"Invalid email address: {shown(text, 80)}"]})
+        raise InvalidInput.field(field, f"Invalid email address: {shown(text, 80)}")
     name, addr = pairs[0]
     if len(name) > MAX_DISPLAY_NAME:
-        raise ValidationFailed(
-            {field: [f"Display name longer than {MAX_DISPLAY_NAME} characters: {shown(name, 80)}"]}
+        raise InvalidInput.field(
+            field, f"Display name longer than {MAX_DISPLAY_NAME} characters: {shown(name, 80)}"
         )
     try:
         checked = validate_email(addr, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
         message = f"Invalid email address {shown(addr, 80)}: {exc}"
-        raise ValidationFailed({field: [message]}) from None
+        raise InvalidInput.field(field, message) from None
     return Mailbox(name, checked.ascii_email or checked.normalized)
 
 
-def parse_mailboxes(items: list[str], field: str) -> list[Mailbox]:
+def parse_mailboxes(items: Iterable[str], field: str) -> list[Mailbox]:
     """Each item checked; the first bad one names the field."""
     return [parse_mailbox(item, field) for item in items]
-
-
-def decode_attachment(item: dict[str, Any], index: int) -> bytes:
-    """The attachment's bytes; ValidationFailed when the content is not base64."""
-    try:
-        return base64.b64decode(item["content"], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValidationFailed(
-            {"attachments": {str(index): {"content": ["Must be base64."]}}}
-        ) from None
 
 
 def new_message_id(sender: Mailbox) -> str:
@@ -191,8 +180,8 @@ def build_message(
     subject: str,
     text: str | None,
     html: str | None,
-    headers: dict[str, str],
-    attachments: list[tuple[str, str, bytes]],
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    attachments: Iterable[tuple[str, str, bytes]],
     smtputf8: bool,
 ) -> bytes:
     """The message as bytes with CRLF line ends (Bcc never appears in it)."""
@@ -206,7 +195,7 @@ def build_message(
     msg["Subject"] = _wire(subject) or subject
     msg["Date"] = _Wire(format_datetime(datetime.now(UTC)))
     msg["Message-ID"] = _wire(f"<{message_id}>") or f"<{message_id}>"
-    for name, value in headers.items():
+    for name, value in headers.items() if isinstance(headers, Mapping) else headers:
         msg[name] = value
     if text is not None:
         msg.set_content(text)

@@ -19,6 +19,7 @@ from smtp_service.storage.files import fsync_dir
 log = logging.getLogger(__name__)
 
 PREFIX = "enc:v1:"
+CIPHERTEXT_MARK = "enc:"  # any value starting so is ciphertext, of this version or another
 KEY_FILE_NAME = ".smtp-encryption-key"
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
@@ -76,9 +77,15 @@ class SecretBox:
         return f"{PREFIX}{self.current_key_id}:{blob}"
 
     def decrypt(self, account_id: str, stored: str) -> str:
-        """The plaintext of a stored value; a value without the prefix is a legacy plaintext."""
+        """The plaintext of a stored value; a value without the "enc:" mark is a legacy plaintext.
+
+        A marked value of a version this code does not know raises SecretError: it is never
+        taken for a plaintext password (and sent to a server as one).
+        """
         if not is_encrypted(stored):
             return stored
+        if not stored.startswith(PREFIX):
+            raise SecretError("stored password uses an unknown encryption version")
         try:
             key_id, blob = stored[len(PREFIX) :].split(":", 1)
             data = base64.urlsafe_b64decode(blob)
@@ -103,8 +110,8 @@ class SecretBox:
 
 
 def is_encrypted(stored: str) -> bool:
-    """True when the stored value has the ciphertext prefix."""
-    return stored.startswith(PREFIX)
+    """True when the stored value is ciphertext ("enc:", of any version), not a plaintext."""
+    return stored.startswith(CIPHERTEXT_MARK)
 
 
 def load_or_create_key_file(data_dir: str) -> str:

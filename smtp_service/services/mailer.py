@@ -11,16 +11,24 @@ from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
-from smtp_service.errors import ApiError, ValidationFailed
 from smtp_service.services.bounces import Refusal, classify_smtp_error
 from smtp_service.services.compose import (
     Mailbox,
     build_message,
-    decode_attachment,
     new_message_id,
     parse_mailbox,
     parse_mailboxes,
     with_open_pixel,
+)
+from smtp_service.services.domain import Attachment, Bounce, SendRequest, SendResult
+from smtp_service.services.errors import (
+    IdempotencyConflict,
+    IdempotencyPending,
+    InvalidInput,
+    MessageTooLarge,
+    NoServerConfigured,
+    RecipientsSuppressed,
+    SenderNotVerified,
 )
 from smtp_service.services.pool import Envelope, SendFailed, TransportPool
 from smtp_service.services.senders import SenderService
@@ -29,6 +37,8 @@ from smtp_service.services.transport import SmtpEndpoint
 from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
 from smtp_service.storage.suppressions import SuppressionList
+
+__all__ = ["Attachment", "Mailer", "OpenTracker", "Route", "SendRequest", "SendResult"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +122,11 @@ class Mailer:
     # -- choosing the server ---------------------------------------------------------------
 
     def route(self, account_id: str) -> Route:
-        """Custom settings when present and usable; the global server otherwise."""
+        """Custom settings when present and usable; the global server otherwise.
+
+        Raises NoServerConfigured when the account has no usable settings and there is no
+        global server.
+        """
         try:
             own = self.settings.load(account_id)
         except StoredSettingsUnusable as exc:
@@ -128,86 +142,80 @@ class Mailer:
             return Route("custom", e, f"{account_id}:{fingerprint(e)}", frozenset(allowed))
         g = self.settings.global_endpoint
         if g is None:
-            raise ApiError("No SMTP server is configured for this account", 503)
+            raise NoServerConfigured()
         allowed = {self.global_from.lower()} if self.global_from else set()
         return Route("global", g, f"{GLOBAL_KEY}:{fingerprint(g)}", frozenset(allowed))
 
     # -- the request -----------------------------------------------------------------------
 
     def send(
-        self, account_id: str, data: dict[str, Any], idempotency_key: str | None = None
-    ) -> tuple[int, dict[str, Any]]:
-        """Send, answering (status, body); idempotent replays answer the first response."""
-        self._check_counts(data)
+        self, account_id: str, request: SendRequest, idempotency_key: str | None = None
+    ) -> SendResult:
+        """Send one message and record what became of it.
+
+        Returns the SendResult: "sent" (the server took it, perhaps refusing some recipients),
+        "bounced" (the server refused it) or "failed" (no answer; `uncertain` when the content
+        had gone out). Raises before anything is sent: InvalidInput (too many recipients, a bad
+        address), RecipientsSuppressed, NoServerConfigured, SenderNotVerified, MessageTooLarge.
+
+        With an idempotency_key, a request equal to an earlier one with the same key (see
+        SendRequest.digest) returns that request's result and sends nothing; a different
+        request raises IdempotencyConflict, and one while the first still runs
+        IdempotencyPending. Only a settled result (sent, or uncertain) is kept for the key:
+        after any other outcome the key is free for a retry.
+        """
+        self._check_counts(request)
         if idempotency_key is None:
-            return self._send(account_id, data)
-        body_hash = hashlib.sha256(
-            json.dumps(data, sort_keys=True, default=str).encode()
-        ).hexdigest()
-        state, stored = self.idempotency.claim(account_id, idempotency_key, body_hash)
+            return self._send(account_id, request)
+        state, stored = self.idempotency.claim(account_id, idempotency_key, request.digest())
         if state == "replay":
-            assert stored is not None
-            return stored["status"], stored["body"]
+            return SendResult.from_dict(stored or {})
         if state == "conflict":
-            raise ApiError("Idempotency-Key was already used with a different request", 409)
+            raise IdempotencyConflict()
         if state == "pending":
-            raise ApiError("A request with this Idempotency-Key is still being processed", 409)
+            raise IdempotencyPending()
         try:
-            status, body = self._send(account_id, data)
+            result = self._send(account_id, request)
         except BaseException:
             self.idempotency.release(account_id, idempotency_key)
             raise
-        if status == 200 or body.get("uncertain"):
+        if result.settled:
             # Delivered, or perhaps delivered (the content went out, no reply came back):
             # a retry with this key answers the same and never sends a second copy.
-            self.idempotency.complete(
-                account_id, idempotency_key, {"status": status, "body": body}
-            )
+            self.idempotency.complete(account_id, idempotency_key, result.to_dict())
         else:  # nothing was delivered: the same key may be retried
             self.idempotency.release(account_id, idempotency_key)
-        return status, body
+        return result
 
-    def _check_counts(self, data: dict[str, Any]) -> None:
+    def _check_counts(self, request: SendRequest) -> None:
         """Counted as given, before any address is parsed or a header built: 10,000 entries (or
         one address 10,000 times) would cost seconds of parsing and folding first."""
         limit = self.max_recipients
-        if len(data["to"]) + len(data["cc"]) + len(data["bcc"]) > limit:
-            raise ValidationFailed(
-                {"to": [f"At most {limit} recipients (to, cc and bcc together)."]}
-            )
-        if len(data["replyTo"]) > limit:
-            raise ValidationFailed({"replyTo": [f"At most {limit} addresses."]})
+        if request.recipient_count > limit:
+            raise InvalidInput.field("to", f"At most {limit} recipients (to, cc and bcc together).")
+        if len(request.reply_to) > limit:
+            raise InvalidInput.field("replyTo", f"At most {limit} addresses.")
 
-    def _send(self, account_id: str, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        sender = parse_mailbox(data["from_"], "from")
-        to = parse_mailboxes(data["to"], "to")
-        cc = parse_mailboxes(data["cc"], "cc")
-        bcc = parse_mailboxes(data["bcc"], "bcc")
-        reply_to = parse_mailboxes(data["replyTo"], "replyTo")
+    def _send(self, account_id: str, request: SendRequest) -> SendResult:
+        sender = parse_mailbox(request.sender, "from")
+        to = parse_mailboxes(request.to, "to")
+        cc = parse_mailboxes(request.cc, "cc")
+        bcc = parse_mailboxes(request.bcc, "bcc")
+        reply_to = parse_mailboxes(request.reply_to, "replyTo")
         recipients = _unique([m.address for m in to + cc + bcc])  # _check_counts bounded them
         suppressed = self.suppressions.suppressed(account_id, recipients)
         if suppressed:
-            raise ApiError(
-                f"Recipient {', '.join(suppressed)} is on the suppression list "
-                "(hard bounce); remove it with DELETE /api/suppressions/<email> "
-                "to send again",
-                422,
-                suppressed=suppressed,
-            )
+            raise RecipientsSuppressed(suppressed)
         route = self.route(account_id)
         address = sender.address.lower()
         if address not in route.allowed_senders and address not in self.senders.emails(account_id):
-            raise ApiError(f"Sender {sender.address} is not verified for this account", 403)
+            raise SenderNotVerified(sender.address)
 
         message_id = new_message_id(sender)
-        tracking = bool(data["html"] is not None and data["trackOpens"])
-        html = data["html"]
+        html = request.html
+        tracking = bool(html is not None and request.track_opens)
         if tracking:
             html = with_open_pixel(html, self.tracker.url(account_id, message_id))
-        attachments = [
-            (a["filename"], a["contentType"], decode_attachment(a, i))
-            for i, a in enumerate(data["attachments"])
-        ]
         smtputf8 = sender.needs_smtputf8 or any(m.needs_smtputf8 for m in to + cc + bcc + reply_to)
         raw = build_message(
             message_id=message_id,
@@ -215,20 +223,18 @@ class Mailer:
             to=to,
             cc=cc,
             reply_to=reply_to,
-            subject=data["subject"],
-            text=data["text"],
+            subject=request.subject,
+            text=request.text,
             html=html,
-            headers=data["headers"],
-            attachments=attachments,
+            headers=request.headers,
+            attachments=[(a.filename, a.content_type, a.content) for a in request.attachments],
             smtputf8=smtputf8,
         )
         if len(raw) > self.max_message_bytes:
-            raise ApiError(
-                f"Message is {len(raw)} bytes; the limit is {self.max_message_bytes}", 413
-            )
+            raise MessageTooLarge(len(raw), self.max_message_bytes)
         envelope = Envelope(sender.address, tuple(recipients), raw, smtputf8)
         return self._deliver(
-            account_id, route, envelope, message_id, sender, data["subject"], tracking
+            account_id, route, envelope, message_id, sender, request.subject, tracking
         )
 
     def _deliver(
@@ -240,7 +246,7 @@ class Mailer:
         sender: Mailbox,
         subject: str,
         tracking: bool,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> SendResult:
         started = time.perf_counter()
         record = {
             "message_id": message_id,
@@ -270,13 +276,13 @@ class Mailer:
             smtp_reply=delivery.reply,
             duration_ms=delivery.duration_ms,
         )
-        return 200, {
-            "success": True,
-            "messageId": message_id,
-            "transport": route.name,
-            "accepted": list(delivery.accepted),
-            "rejected": [r.email for r in rejected],
-        }
+        return SendResult(
+            outcome="sent",
+            message_id=message_id,
+            transport=route.name,
+            accepted=tuple(delivery.accepted),
+            rejected=tuple(rejected),
+        )
 
     def _failed(
         self,
@@ -285,7 +291,7 @@ class Mailer:
         exc: SendFailed,
         record: dict[str, Any],
         duration_ms: float,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> SendResult:
         message_id = record["message_id"]
         if exc.transport is not None:
             text = exc.transport.text
@@ -303,16 +309,13 @@ class Mailer:
                 smtp_reply=text,
                 duration_ms=duration_ms,
             )
-            body = {
-                "success": False,
-                "messageId": message_id,
-                "transport": route.name,
-                "error": f"SMTP send failed: {text}",
-                "bounce": None,
-            }
-            if exc.uncertain:
-                body["uncertain"] = True
-            return 502, body
+            return SendResult(
+                outcome="failed",
+                message_id=message_id,
+                transport=route.name,
+                error=f"SMTP send failed: {text}",
+                uncertain=exc.uncertain,
+            )
         if exc.refused:
             refusals = [
                 classify_smtp_error(email, code, _text(reply))
@@ -335,18 +338,19 @@ class Mailer:
             smtp_reply=exc.reply or first.reply,
             duration_ms=duration_ms,
         )
-        return 502, {
-            "success": False,
-            "messageId": message_id,
-            "transport": route.name,
-            "error": f"SMTP server refused the message: {first.code} {first.reply}",
-            "bounce": {
-                "type": first.type,
-                "code": first.code,
-                "enhancedCode": first.enhanced_code,
-                "recipients": [r.email for r in refusals],
-            },
-        }
+        return SendResult(
+            outcome="bounced",
+            message_id=message_id,
+            transport=route.name,
+            rejected=tuple(refusals),
+            bounce=Bounce(
+                type=first.type,
+                code=first.code,
+                enhanced_code=first.enhanced_code,
+                recipients=tuple(r.email for r in refusals),
+            ),
+            error=f"SMTP server refused the message: {first.code} {first.reply}",
+        )
 
     def _suppress_hard(self, account_id: str, refusals: list[Refusal], message_id: str) -> None:
         for r in refusals:

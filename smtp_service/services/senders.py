@@ -2,57 +2,105 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from smtp_service.errors import ApiError, NotFound
-from smtp_service.services.compose import parse_mailbox
+from smtp_service.caches import FileCache
+from smtp_service.services.compose import MAX_MAILBOX_LENGTH, parse_mailbox
+from smtp_service.services.errors import SenderExists, SenderNotFound, shown
 from smtp_service.storage.files import AccountFiles
 from smtp_service.timestamps import iso_utc
 
 SENDERS_FILE = "senders.json"
+_CACHE_SIZE = 10_000  # accounts whose parsed senders a worker keeps
+
+
+@dataclass(frozen=True)
+class Sender:
+    """A verified sender address of an account."""
+
+    email: str
+    name: str | None
+    created_at: str | None
+
+    def as_stored(self) -> dict[str, Any]:
+        """The entry as senders.json holds it."""
+        return {"email": self.email, "name": self.name, "createdAt": self.created_at}
+
+
+@dataclass(frozen=True)
+class _Senders:
+    """One version of an account's senders.json, parsed."""
+
+    senders: tuple[Sender, ...]
+    emails: frozenset[str]  # lower-cased
 
 
 class SenderService:
-    """Per-account list of verified sender addresses, in DATA_DIR/shared-data/{id}/senders.json."""
+    """Per-account list of verified sender addresses, in DATA_DIR/shared-data/{id}/senders.json.
+
+    The list is read on every send: the parsed file is kept per worker while it is unchanged
+    (one stat per call), so a change by another worker is seen at once.
+    """
 
     def __init__(self, files: AccountFiles) -> None:
         self.files = files
+        self._cache: FileCache[_Senders] = FileCache(_CACHE_SIZE)
 
-    def list(self, account_id: str) -> list[dict[str, Any]]:
-        """The account's senders, oldest first."""
-        try:
-            doc = self.files.read(account_id, SENDERS_FILE)
-        except ValueError:
-            doc = None
-        senders = doc.get("senders") if isinstance(doc, dict) else None
-        return [s for s in senders or [] if isinstance(s, dict) and "email" in s]
+    def list(self, account_id: str) -> tuple[Sender, ...]:
+        """The account's senders, oldest first (none when it has no file)."""
+        return self._load(account_id).senders
 
-    def emails(self, account_id: str) -> set[str]:
+    def emails(self, account_id: str) -> frozenset[str]:
         """The account's sender addresses, lower-cased."""
-        return {s["email"].lower() for s in self.list(account_id)}
+        return self._load(account_id).emails
 
-    def add(self, account_id: str, email: str, name: str | None) -> dict[str, Any]:
-        """Add a sender; 409 when it is already there."""
+    def add(self, account_id: str, email: str, name: str | None) -> Sender:
+        """Verify a sender address; InvalidInput for a bad address, SenderExists if it is one."""
         address = parse_mailbox(email, "email").address
-        sender = {"email": address, "name": name, "createdAt": iso_utc()}
+        sender = Sender(address, name, iso_utc())
 
         def _add(doc: Any) -> Any:
             current = doc.get("senders", []) if isinstance(doc, dict) else []
             if any(s.get("email", "").lower() == address.lower() for s in current):
-                raise ApiError(f"Sender {address} already exists", 409)
-            return {"senders": [*current, sender]}
+                raise SenderExists(address)
+            return {"senders": [*current, sender.as_stored()]}
 
         self.files.update(account_id, SENDERS_FILE, _add)
+        self._cache.discard(account_id)
         return sender
 
     def remove(self, account_id: str, email: str) -> None:
-        """Remove a sender; 404 when it is not there."""
+        """Remove a sender; SenderNotFound when the account has none such."""
+        if len(email) > MAX_MAILBOX_LENGTH:  # never added (add refuses it); not quoted whole
+            raise SenderNotFound(shown(email, 100))
 
         def _remove(doc: Any) -> Any:
             current = doc.get("senders", []) if isinstance(doc, dict) else []
             kept = [s for s in current if s.get("email", "").lower() != email.lower()]
             if len(kept) == len(current):
-                raise NotFound(f"Sender {email} not found")
+                raise SenderNotFound(email)
             return {"senders": kept}
 
         self.files.update(account_id, SENDERS_FILE, _remove)
+        self._cache.discard(account_id)
+
+    def _load(self, account_id: str) -> _Senders:
+        path = self.files.path(account_id, SENDERS_FILE)
+        return self._cache.get(account_id, path, lambda: self._read(account_id)) or _NONE
+
+    def _read(self, account_id: str) -> _Senders:
+        try:
+            doc = self.files.read(account_id, SENDERS_FILE)
+        except ValueError:  # unparseable: no senders (the next add replaces it)
+            doc = None
+        entries = doc.get("senders") if isinstance(doc, dict) else None
+        senders = tuple(
+            Sender(s["email"], s.get("name"), s.get("createdAt"))
+            for s in entries or []
+            if isinstance(s, dict) and isinstance(s.get("email"), str)
+        )
+        return _Senders(senders, frozenset(s.email.lower() for s in senders))
+
+
+_NONE = _Senders((), frozenset())

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from marshmallow import ValidationError
 
-from smtp_service.errors import ValidationFailed
-from smtp_service.schemas import StoredSmtpSettings
-from smtp_service.services.crypto import SecretBox, SecretError
+from smtp_service.caches import FileCache
+from smtp_service.schemas.stored import StoredSmtpSettings
+from smtp_service.services.crypto import SecretBox, SecretError, is_encrypted
+from smtp_service.services.errors import InvalidInput
 from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused
 from smtp_service.services.transport import (
     Secret,
@@ -43,18 +44,14 @@ class StoredSettings:
     updated_at: str | None
     updated_by: str | None
 
-    def public_view(self) -> dict[str, Any]:
-        """The fields a caller may see: never the password."""
-        e = self.endpoint
-        return {
-            "host": e.host,
-            "port": e.port,
-            "secure": e.secure,
-            "user": e.user,
-            "requireTls": e.require_tls,
-            "updatedAt": self.updated_at,
-            "updatedBy": self.updated_by,
-        }
+
+@dataclass(frozen=True)
+class ActiveSettings:
+    """The server an account's mail goes through: its own (is_global False), else the global
+    one (is_global True; endpoint None when there is none either)."""
+
+    endpoint: SmtpEndpoint | None
+    is_global: bool
 
 
 class SettingsService:
@@ -76,7 +73,7 @@ class SettingsService:
         # Called with the account id after a save or delete (the sending pool drops its
         # connections); other workers notice the change through the settings fingerprint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
-        self._cache: dict[str, tuple[tuple[int, int, int, int], StoredSettings]] = {}
+        self._cache: FileCache[StoredSettings] = FileCache(_CACHE_SIZE)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -88,21 +85,7 @@ class SettingsService:
         (every save replaces the file, so its inode, mtime and size identify one version).
         """
         path = self.files.path(account_id, SETTINGS_FILE)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            self._cache.pop(account_id, None)
-            return None
-        signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-        cached = self._cache.get(account_id)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        loaded = self._load_file(account_id)
-        if loaded is not None:
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.pop(next(iter(self._cache)), None)
-            self._cache[account_id] = (signature, loaded)
-        return loaded
+        return self._cache.get(account_id, path, lambda: self._load_file(account_id))
 
     def _load_file(self, account_id: str) -> StoredSettings | None:
         try:
@@ -120,18 +103,11 @@ class SettingsService:
             password = self.box.decrypt(account_id, data["password"])
         except SecretError as exc:
             raise StoredSettingsUnusable(str(exc)) from None
-        endpoint = SmtpEndpoint(
-            host=data["host"],
-            port=data["port"],
-            secure=data["secure"],
-            user=data["user"],
-            password=Secret(password),
-            require_tls=data["requireTls"],
-        )
+        endpoint = _endpoint({**data, "password": password})
         return StoredSettings(endpoint, data["updatedAt"], data["updatedBy"])
 
-    def view(self, account_id: str) -> dict[str, Any]:
-        """GET /api/smtp/settings: the account's settings, or the global server's with isGlobal."""
+    def active(self, account_id: str) -> ActiveSettings:
+        """The account's own settings when usable, else the global server's (is_global)."""
         try:
             own = self.load(account_id)
         except StoredSettingsUnusable as exc:
@@ -140,61 +116,54 @@ class SettingsService:
             )
             own = None
         if own is not None:
-            e = own.endpoint
-            return {
-                "host": e.host,
-                "port": e.port,
-                "secure": e.secure,
-                "user": e.user,
-                "hasPassword": bool(e.password),
-                "isGlobal": False,
-                "requireTls": e.require_tls,
-            }
-        g = self.global_endpoint
-        return {
-            "host": g.host if g else None,
-            "port": g.port if g else None,
-            "secure": g.secure if g else False,
-            "user": g.user if g else None,
-            "hasPassword": bool(g and g.password),
-            "isGlobal": True,
-            "requireTls": g.require_tls if g else True,
-        }
+            return ActiveSettings(own.endpoint, is_global=False)
+        return ActiveSettings(self.global_endpoint, is_global=True)
 
     # -- writing -----------------------------------------------------------------------------
 
-    def save(self, account_id: str, user_id: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Check the host, encrypt the password and store; returns the public view."""
+    def save(
+        self, account_id: str, user_id: str, settings: SmtpEndpoint | Mapping[str, Any]
+    ) -> StoredSettings:
+        """Check the host, encrypt the password and store the account's settings.
+
+        `settings` is an SmtpEndpoint (what SmtpSettingsInput loads), or a mapping with its
+        fields (host, port, secure, user, password, requireTls) for callers written before.
+        Returns what was stored (updated now, by user_id). InvalidInput on "host" when the
+        host is one accounts may not use (SSRF guard).
+        """
+        endpoint = settings if isinstance(settings, SmtpEndpoint) else _endpoint(settings)
         try:
-            self.guard.check(data["host"], data["port"])
+            self.guard.check(endpoint.host, endpoint.port)
         except HostRefused:
-            raise ValidationFailed({"host": [REFUSED_TEXT]}) from None
+            raise InvalidInput.field("host", REFUSED_TEXT) from None
+        password = endpoint.password.reveal() if endpoint.password else ""
+        stored = StoredSettings(endpoint, updated_at=iso_utc(), updated_by=user_id)
         document = {
-            "host": data["host"],
-            "port": data["port"],
-            "secure": data["secure"],
-            "user": data["user"],
-            "pass": self.box.encrypt(account_id, data["password"]),
-            "requireTls": data["requireTls"],
-            "updatedAt": iso_utc(),
-            "updatedBy": user_id,
+            "host": endpoint.host,
+            "port": endpoint.port,
+            "secure": endpoint.secure,
+            "user": endpoint.user,
+            "pass": self.box.encrypt(account_id, password),
+            "requireTls": endpoint.require_tls,
+            "updatedAt": stored.updated_at,
+            "updatedBy": stored.updated_by,
         }
         self.files.write(account_id, SETTINGS_FILE, document)
-        self._cache.pop(account_id, None)
+        self._cache.discard(account_id)
         self.on_change(account_id)
         log.info(
             "account %s: SMTP settings saved by %s (host %s:%s)",
             account_id,
             user_id,
-            data["host"],
-            data["port"],
+            endpoint.host,
+            endpoint.port,
         )
-        return {k: v for k, v in document.items() if k != "pass"}
+        return stored
 
     def delete(self, account_id: str) -> bool:
         """Remove the account's settings; True when there were some."""
         existed = self.files.delete(account_id, SETTINGS_FILE)
-        self._cache.pop(account_id, None)
+        self._cache.discard(account_id)
         self.on_change(account_id)
         if existed:
             log.info("account %s: SMTP settings removed", account_id)
@@ -202,16 +171,8 @@ class SettingsService:
 
     # -- testing -----------------------------------------------------------------------------
 
-    def test(self, data: dict[str, Any]) -> None:
+    def test(self, endpoint: SmtpEndpoint) -> None:
         """Connect with the given (unsaved) settings; raise TransportError with a safe text."""
-        endpoint = SmtpEndpoint(
-            host=data["host"],
-            port=data["port"],
-            secure=data["secure"],
-            user=data["user"],
-            password=Secret(data["password"]),
-            require_tls=data["requireTls"],
-        )
         check_connection(endpoint, timeout=self.timeout, guard=self.guard)
 
     # -- maintenance (CLI) -------------------------------------------------------------------
@@ -231,7 +192,7 @@ class SettingsService:
                     counts["failed"] += 1
                     return doc
                 stored = doc["pass"]
-                if self.box.is_current(stored) or (only_plaintext and stored.startswith("enc:")):
+                if self.box.is_current(stored) or (only_plaintext and is_encrypted(stored)):
                     counts["unchanged"] += 1
                     return doc
                 try:
@@ -248,4 +209,22 @@ class SettingsService:
         return counts
 
 
-__all__ = ["SettingsService", "StoredSettings", "StoredSettingsUnusable", "TransportError"]
+def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
+    """An SmtpEndpoint from a mapping of the settings' fields."""
+    return SmtpEndpoint(
+        host=fields["host"],
+        port=fields["port"],
+        secure=fields["secure"],
+        user=fields["user"],
+        password=Secret(fields["password"]),
+        require_tls=fields["requireTls"],
+    )
+
+
+__all__ = [
+    "ActiveSettings",
+    "SettingsService",
+    "StoredSettings",
+    "StoredSettingsUnusable",
+    "TransportError",
+]

@@ -15,6 +15,8 @@ from smtp_service.storage.tables import idempotency as keys
 _MATCH = (keys.c.account_id == sa.bindparam("b_account_id")) & (
     keys.c.key == sa.bindparam("b_key")
 )
+# Rows kept from before migration 0002 hash a request form no longer computed: they match any.
+LEGACY_HASH = "legacy:"
 _SELECT = sa.select(keys.c.body_hash, keys.c.result, keys.c.created_at).where(_MATCH)
 
 
@@ -48,8 +50,10 @@ class IdempotencyStore:
         "new": the caller owns the key and must complete() or release() it. "replay": the
         key's first request finished with the returned result. "conflict": the key was used for
         another request (another body hash). "pending": its first request is still running.
-        Keys older than `ttl_seconds` are forgotten. A claim still pending after
-        `abandoned_seconds` belonged to a request that died: a retry takes it over.
+        Keys older than `ttl_seconds` are forgotten. A key kept from before migration 0002
+        (LEGACY_HASH) matches any body: its hash cannot be compared any more. A claim still
+        pending after `abandoned_seconds` belonged to a request that died: a retry takes it
+        over.
         """
         now = self.db.now_ms()
         ids = {"b_account_id": account_id, "b_key": key}
@@ -65,7 +69,7 @@ class IdempotencyStore:
             if conn.execute(self._insert, row).first() is not None:
                 return "new", None
             stored_hash, result, created_at = conn.execute(self._select_locked, ids).one()
-            if stored_hash != body_hash:
+            if stored_hash != body_hash and not stored_hash.startswith(LEGACY_HASH):
                 return "conflict", None
             if result is not None:
                 return "replay", json.loads(result)

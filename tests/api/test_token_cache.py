@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from smtp_service import create_app
-from smtp_service.extensions import TOKEN_CACHE_KEY, VerifiedTokens
+from smtp_service.tokens import TOKEN_CACHE_KEY, VerifiedTokens
 
 PATH = "/api/smtp/settings"
 

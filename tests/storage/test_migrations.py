@@ -11,6 +11,8 @@ one still pending.
 from __future__ import annotations
 
 import shutil
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,21 @@ def test_every_message_event_and_suppression_is_kept(legacy: str) -> None:
         ]
         # the pending key is still a claim in progress, not a new one
         assert stores.claim("acct-b", "key-pending", "hash-3") == ("pending", None)
-        assert stores.claim("acct-a", "key-sent", "other-body")[0] == "conflict"
+        # kept keys replay the result that answers as the first answer did (tests/api checks
+        # the answer itself); their old request hash can no longer be compared: any body
+        # replays (no second delivery) rather than a 409 for a retry that is the same request
+        state, kept = stores.claim("acct-a", "key-sent", "any-body")
+        assert state == "replay" and kept is not None
+        assert (kept["outcome"], kept["message_id"], kept["accepted"]) == (
+            "sent",
+            "<sent-1@example.com>",
+            ["ok@example.net"],
+        )
+        assert [r["email"] for r in kept["rejected"]] == ["bad@example.net"]
+        state, kept = stores.claim("acct-a", "key-uncertain", "any-body")
+        assert state == "replay" and kept is not None
+        assert kept["outcome"] == "failed" and kept["uncertain"] is True
+        assert kept["error"].startswith("SMTP send failed: Connection to localhost:2525 closed")
     finally:
         stores.close()
     assert raw(legacy, "SELECT version_num FROM alembic_version") == [(head(),)]
@@ -126,6 +142,54 @@ def test_the_service_migrates_its_data_folder_at_start(tmp_path, app_config) -> 
         assert got == SENT_BEFORE
     finally:
         app.extensions["smtp_service"].database.dispose()
+
+
+def test_kept_keys_answer_as_they_did_before(tmp_path, app_config, tokens) -> None:
+    """A retry of a key completed before the upgrade gets the very answer it got then."""
+    data = Path(app_config["DATA_DIR"])
+    data.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(FIXTURE, data / "messages.sqlite3")
+    with sqlite3.connect(data / "messages.sqlite3") as conn:  # the keys' 24 h have not passed
+        conn.execute("UPDATE idempotency SET created_at = ?", (int(time.time() * 1000),))
+    conn.close()
+    app = create_app({**app_config, "DATABASE_URL": ""})
+    client = app.test_client()
+    body = {"from": "noreply@example.com", "to": "ok@example.net", "subject": "s", "text": "t"}
+    try:
+        sent = client.post(
+            "/api/messages/send-email",
+            json=body,
+            headers={**tokens.headers("acct-a"), "Idempotency-Key": "key-sent"},
+        )
+        uncertain = client.post(
+            "/api/messages/send-email",
+            json=body,
+            headers={**tokens.headers("acct-a"), "Idempotency-Key": "key-uncertain"},
+        )
+    finally:
+        app.extensions["smtp_service"].database.dispose()
+    assert (sent.status_code, sent.get_json()) == (
+        200,
+        {
+            "success": True,
+            "messageId": "<sent-1@example.com>",
+            "transport": "custom",
+            "accepted": ["ok@example.net"],
+            "rejected": ["bad@example.net"],
+        },
+    )
+    assert (uncertain.status_code, uncertain.get_json()) == (
+        502,
+        {
+            "success": False,
+            "messageId": "<failed-1@example.com>",
+            "transport": "global",
+            "error": "SMTP send failed: Connection to localhost:2525 closed after the message "
+            "content was sent; the server may have accepted it, so it is not retried",
+            "bounce": None,
+            "uncertain": True,
+        },
+    )
 
 
 def test_db_upgrade_and_current_commands(runner) -> None:

@@ -1,52 +1,25 @@
-"""Marshmallow schemas: request bodies, responses and the stored files, all in one place."""
+"""Request schemas: what each POST body may hold; loading one gives the service's input."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate
 
-from smtp_service.errors import shown
-
-_HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)$")
-
-
-class StrictInteger(fields.Integer):
-    """An integer that refuses booleans, floats and numeric strings."""
-
-    def _validated(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.make_error("invalid")
-        return super()._validated(value)
-
-
-class StrictBoolean(fields.Boolean):
-    """true or false only: no 1, "yes" or "true" strings."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):  # 1 == True, so a set of truthy values cannot tell
-            raise self.make_error("invalid", input=value)
-        return value
-
-
-class NonEmptyString(fields.String):
-    """A string that is not empty after trimming and holds no NUL byte."""
-
-    OPENAPI = {"minLength": 1, "pattern": r"\S"}  # what the OpenAPI document says of it
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        text = super()._deserialize(value, attr, data, **kwargs)
-        if not text.strip():
-            raise ValidationError("Must be a non-empty string.")
-        if "\x00" in text:
-            raise ValidationError("Must not contain NUL characters.")
-        return text
-
-
-def _check_host(value: str) -> None:
-    if len(value) > 253 or not _HOST_PATTERN.fullmatch(value):
-        raise ValidationError("Must be a host name or IP address.")
+from smtp_service.schemas.fields import (
+    HOST_PATTERN,
+    NonEmptyString,
+    StrictBoolean,
+    StrictInteger,
+    check_host,
+)
+from smtp_service.services import domain
+from smtp_service.services.compose import MAX_MAILBOX_LENGTH
+from smtp_service.services.errors import shown
+from smtp_service.services.transport import Secret, SmtpEndpoint
 
 
 def _no_line_breaks(value: str) -> None:
@@ -59,9 +32,9 @@ class SmtpSettingsInput(Schema):
 
     host = NonEmptyString(
         required=True,
-        validate=_check_host,
+        validate=check_host,
         metadata={
-            "pattern": _HOST_PATTERN.pattern,
+            "pattern": HOST_PATTERN.pattern,
             "maxLength": 253,
             "example": "smtp.example.com",
         },
@@ -91,92 +64,20 @@ class SmtpSettingsInput(Schema):
         return data
 
     @post_load
-    def _secure_default(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+    def _endpoint(self, data: dict[str, Any], **_kwargs: Any) -> SmtpEndpoint:
         # The spec: secure is optional, and forced true for port 465 (implicit TLS).
-        if data["port"] == 465:
-            data["secure"] = True
-        elif data["secure"] is None:
-            data["secure"] = False
-        return data
+        secure = True if data["port"] == 465 else bool(data["secure"])
+        return SmtpEndpoint(
+            host=data["host"],
+            port=data["port"],
+            secure=secure,
+            user=data["user"],
+            password=Secret(data["password"]),
+            require_tls=data["requireTls"],
+        )
 
 
-class StoredSmtpSettings(Schema):
-    """data/shared-data/{accountId}/smtp-settings.json, as the old system wrote it and as we do."""
-
-    host = NonEmptyString(required=True, validate=_check_host)
-    port = StrictInteger(required=True, validate=validate.Range(min=1, max=65535))
-    secure = StrictBoolean(load_default=False)
-    user = NonEmptyString(required=True)
-    password = NonEmptyString(required=True, data_key="pass")
-    requireTls = StrictBoolean(load_default=True)
-    updatedAt = fields.String(load_default=None)
-    updatedBy = fields.String(load_default=None, allow_none=True)
-
-    class Meta:
-        unknown = "exclude"  # fields added by other tools must not make a file unreadable
-
-
-class SmtpSettingsView(Schema):
-    """GET /api/smtp/settings."""
-
-    host = fields.String(allow_none=True)
-    port = fields.Integer(allow_none=True)
-    secure = fields.Boolean()
-    user = fields.String(allow_none=True)
-    hasPassword = fields.Boolean()
-    isGlobal = fields.Boolean()
-    requireTls = fields.Boolean()
-
-
-class SavedSettings(Schema):
-    """The settings echoed after a save: never the password."""
-
-    host = fields.String()
-    port = fields.Integer()
-    secure = fields.Boolean()
-    user = fields.String()
-    requireTls = fields.Boolean()
-    updatedAt = fields.String()
-    updatedBy = fields.String(allow_none=True)
-
-
-class SaveSettingsResponse(Schema):
-    """POST /api/smtp/settings."""
-
-    message = fields.String()
-    settings = fields.Nested(SavedSettings)
-
-
-class MessageResponse(Schema):
-    """A plain confirmation."""
-
-    message = fields.String()
-
-
-class ConnectionTestResponse(Schema):
-    """POST /api/smtp/test: success with a message, or failure with an error."""
-
-    success = fields.Boolean(required=True)
-    message = fields.String()
-    error = fields.String()
-
-
-class ErrorResponse(Schema):
-    """Every error answer."""
-
-    error = fields.String(required=True)
-    details = fields.Dict(keys=fields.String())
-    suppressed = fields.List(fields.String())  # 422 from send-email: the suppressed recipients
-
-
-class HealthResponse(Schema):
-    """GET /healthz."""
-
-    status = fields.String(required=True)
-    error = fields.String()
-
-
-# -- sending ------------------------------------------------------------------------------------
+# -- sending -------------------------------------------------------------------------------------
 
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 field name: printable, no colon
 _RESERVED_HEADERS = {
@@ -201,7 +102,6 @@ _RESERVED_HEADERS = {
 _HEADER_UNSAFE = "\u0000-\u0008\u000a-\u001f\u007f\u0085\u2028\u2029"
 _HEADER_UNSAFE_CHAR = re.compile(f"[{_HEADER_UNSAFE}]")
 _HEADER_SAFE = f"^[^{_HEADER_UNSAFE}]*$"  # the same rule, as the OpenAPI document's pattern
-MAX_MAILBOX_LENGTH = 320  # one address with its display name: well inside a 998-byte line
 MAX_HEADERS = 100
 MAX_HEADER_VALUE_LENGTH = 998
 MAX_ATTACHMENTS = 100
@@ -247,6 +147,17 @@ class AddressList(fields.Field):
         return [i.strip() for i in items if i.strip()]
 
 
+class Base64Bytes(fields.String):
+    """Bytes sent as standard base64 text (loaded as the decoded bytes)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError("Must be base64.") from None
+
+
 class Attachment(Schema):
     """One attachment: base64 content."""
 
@@ -255,13 +166,17 @@ class Attachment(Schema):
         validate=[validate.Length(max=255), _no_control_chars],
         metadata={"example": "hello.txt"},
     )
-    content = fields.String(required=True, metadata={"format": "byte", "example": "aGVsbG8="})
+    content = Base64Bytes(required=True, metadata={"format": "byte", "example": "aGVsbG8="})
     # ASCII, and no "text/plain\n" through the regex's "$" (a blank line in the part's header)
     contentType = fields.String(
         load_default="application/octet-stream",
         validate=[_no_control_chars, validate.Regexp(r"^[\w.+-]+/[\w.+-]+$", flags=re.ASCII)],
         metadata={"example": "text/plain"},
     )
+
+    @post_load
+    def _attachment(self, data: dict[str, Any], **_kwargs: Any) -> domain.Attachment:
+        return domain.Attachment(data["filename"], data["contentType"], data["content"])
 
 
 class HeaderMap(fields.Dict):
@@ -306,7 +221,7 @@ class HeaderMap(fields.Dict):
 class SendEmailInput(Schema):
     """POST /api/messages/send-email."""
 
-    # what the OpenAPI document says of the whole body (see _needs_a_body)
+    # what the OpenAPI document says of the whole body (see _request)
     OPENAPI = {
         "anyOf": [
             {"required": ["text"], "properties": {"text": {"type": "string"}}},
@@ -343,84 +258,24 @@ class SendEmailInput(Schema):
     trackOpens = StrictBoolean(load_default=True, metadata={"example": True})
 
     @post_load
-    def _needs_a_body(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+    def _request(self, data: dict[str, Any], **_kwargs: Any) -> domain.SendRequest:
         if data["text"] is None and data["html"] is None:
             raise ValidationError("At least one of text or html is required.", "text")
         if not data["to"]:
             raise ValidationError("At least one recipient is required.", "to")
-        return data
-
-
-class RejectedRecipient(Schema):
-    """A recipient the server refused."""
-
-    email = fields.String()
-    code = fields.Integer(allow_none=True)
-    enhancedCode = fields.String(allow_none=True)
-    reply = fields.String(allow_none=True)
-    type = fields.String()
-
-
-class SendEmailResponse(Schema):
-    """A message the server accepted."""
-
-    success = fields.Boolean(required=True)
-    messageId = fields.String()
-    transport = fields.String()
-    accepted = fields.List(fields.String())
-    rejected = fields.List(fields.String())
-
-
-class Bounce(Schema):
-    """The classification of a refusal."""
-
-    type = fields.String()
-    code = fields.Integer(allow_none=True)
-    enhancedCode = fields.String(allow_none=True)
-    recipients = fields.List(fields.String())
-
-
-class SendFailedResponse(Schema):
-    """502: the server did not take the message."""
-
-    success = fields.Boolean(required=True)
-    error = fields.String(required=True)
-    messageId = fields.String()
-    transport = fields.String()
-    bounce = fields.Nested(Bounce, allow_none=True)
-    uncertain = fields.Boolean(
-        metadata={
-            "description": "Present (true) when the connection failed after the content was "
-            "sent: the server may have the message, so it is not retried."
-        }
-    )
-
-
-class MessageEvent(Schema):
-    """One event of a message."""
-
-    type = fields.String()
-    at = fields.String()
-    detail = fields.Dict(allow_none=True)
-
-
-class MessageRecord(Schema):
-    """GET /api/messages/<messageId>."""
-
-    messageId = fields.String()
-    status = fields.String()
-    from_ = fields.String(data_key="from")
-    recipients = fields.List(fields.String())
-    subject = fields.String()
-    transport = fields.String()
-    accepted = fields.List(fields.String())
-    rejected = fields.List(fields.Nested(RejectedRecipient))
-    smtpReply = fields.String(allow_none=True)
-    durationMs = fields.Float()
-    createdAt = fields.String()
-    opens = fields.Integer()
-    firstOpenedAt = fields.String(allow_none=True)
-    events = fields.List(fields.Nested(MessageEvent))
+        return domain.SendRequest(
+            sender=data["from_"],
+            to=data["to"],
+            cc=data["cc"],
+            bcc=data["bcc"],
+            reply_to=data["replyTo"],
+            subject=data["subject"],
+            text=data["text"],
+            html=data["html"],
+            headers=data["headers"],
+            attachments=data["attachments"],
+            track_opens=data["trackOpens"],
+        )
 
 
 class SenderInput(Schema):
@@ -436,34 +291,3 @@ class SenderInput(Schema):
         validate=[validate.Length(max=200), _no_control_chars],
         metadata={"example": "Sender"},
     )
-
-
-class Sender(Schema):
-    """A verified sender of the account."""
-
-    email = fields.String()
-    name = fields.String(allow_none=True)
-    createdAt = fields.String()
-
-
-class SenderList(Schema):
-    """GET /api/senders."""
-
-    senders = fields.List(fields.Nested(Sender))
-
-
-class Suppression(Schema):
-    """An address the account will not send to."""
-
-    email = fields.String()
-    reason = fields.String()
-    code = fields.Integer(allow_none=True)
-    enhancedCode = fields.String(allow_none=True)
-    messageId = fields.String(allow_none=True)
-    createdAt = fields.String()
-
-
-class SuppressionList(Schema):
-    """GET /api/suppressions."""
-
-    suppressions = fields.List(fields.Nested(Suppression))

@@ -1,0 +1,221 @@
+"""Response schemas: the views dump every JSON answer through these, and the OpenAPI document
+is generated from them, so what the document says is what the service sends.
+
+Schemas that answer with a domain value (a SendResult, the active settings) say in a pre_dump
+hook how that value reads in JSON; the others dump the plain dicts the services return.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from marshmallow import Schema, fields, pre_dump
+
+if TYPE_CHECKING:  # only named in hints: the services import the stored-file schema
+    from smtp_service.services.domain import SendResult
+    from smtp_service.services.settings import ActiveSettings
+
+
+class SmtpSettingsView(Schema):
+    """GET /api/smtp/settings."""
+
+    host = fields.String(allow_none=True)
+    port = fields.Integer(allow_none=True)
+    secure = fields.Boolean()
+    user = fields.String(allow_none=True)
+    hasPassword = fields.Boolean()
+    isGlobal = fields.Boolean()
+    requireTls = fields.Boolean()
+
+    @pre_dump
+    def _from_settings(self, active: ActiveSettings, **_kwargs: Any) -> dict[str, Any]:
+        e = active.endpoint
+        return {
+            "host": e.host if e else None,
+            "port": e.port if e else None,
+            "secure": e.secure if e else False,
+            "user": e.user if e else None,
+            "hasPassword": bool(e and e.password),
+            "isGlobal": active.is_global,
+            "requireTls": e.require_tls if e else True,
+        }
+
+
+class SavedSettings(Schema):
+    """The settings echoed after a save (a StoredSettings): never the password."""
+
+    host = fields.String(attribute="endpoint.host")
+    port = fields.Integer(attribute="endpoint.port")
+    secure = fields.Boolean(attribute="endpoint.secure")
+    user = fields.String(attribute="endpoint.user")
+    requireTls = fields.Boolean(attribute="endpoint.require_tls")
+    updatedAt = fields.String(attribute="updated_at")
+    updatedBy = fields.String(attribute="updated_by", allow_none=True)
+
+
+class SaveSettingsResponse(Schema):
+    """POST /api/smtp/settings."""
+
+    message = fields.String()
+    settings = fields.Nested(SavedSettings)
+
+
+class MessageResponse(Schema):
+    """A plain confirmation."""
+
+    message = fields.String()
+
+
+class ConnectionTestResponse(Schema):
+    """POST /api/smtp/test: success with a message, or failure with an error."""
+
+    success = fields.Boolean(required=True)
+    message = fields.String()
+    error = fields.String()
+
+
+class ErrorResponse(Schema):
+    """Every error answer."""
+
+    error = fields.String(required=True)
+    details = fields.Dict(keys=fields.String())
+    suppressed = fields.List(fields.String())  # 422 from send-email: the suppressed recipients
+
+
+class HealthResponse(Schema):
+    """GET /healthz."""
+
+    status = fields.String(required=True)
+    error = fields.String()
+
+
+# -- sending ------------------------------------------------------------------------------------
+
+
+class RejectedRecipient(Schema):
+    """A recipient the server refused."""
+
+    email = fields.String()
+    code = fields.Integer(allow_none=True)
+    enhancedCode = fields.String(allow_none=True)
+    reply = fields.String(allow_none=True)
+    type = fields.String()
+
+
+class SendEmailResponse(Schema):
+    """A message the server accepted (a SendResult with outcome "sent")."""
+
+    success = fields.Boolean(required=True)
+    messageId = fields.String()
+    transport = fields.String()
+    accepted = fields.List(fields.String())
+    rejected = fields.List(fields.String())
+
+    @pre_dump
+    def _from_result(self, result: SendResult, **_kwargs: Any) -> dict[str, Any]:
+        return {
+            "success": True,
+            "messageId": result.message_id,
+            "transport": result.transport,
+            "accepted": result.accepted,
+            "rejected": [r.email for r in result.rejected],
+        }
+
+
+class Bounce(Schema):
+    """The classification of a refusal."""
+
+    type = fields.String()
+    code = fields.Integer(allow_none=True)
+    enhancedCode = fields.String(attribute="enhanced_code", allow_none=True)
+    recipients = fields.List(fields.String())
+
+
+class SendFailedResponse(Schema):
+    """502: the server did not take the message (a SendResult "failed" or "bounced")."""
+
+    success = fields.Boolean(required=True)
+    error = fields.String(required=True)
+    messageId = fields.String()
+    transport = fields.String()
+    bounce = fields.Nested(Bounce, allow_none=True)
+    uncertain = fields.Boolean(
+        metadata={
+            "description": "Present (true) when the connection failed after the content was "
+            "sent: the server may have the message, so it is not retried."
+        }
+    )
+
+    @pre_dump
+    def _from_result(self, result: SendResult, **_kwargs: Any) -> dict[str, Any]:
+        answer = {
+            "success": False,
+            "messageId": result.message_id,
+            "transport": result.transport,
+            "error": result.error,
+            "bounce": result.bounce,
+        }
+        if result.uncertain:
+            answer["uncertain"] = True
+        return answer
+
+
+class MessageEvent(Schema):
+    """One event of a message."""
+
+    type = fields.String()
+    at = fields.String()
+    detail = fields.Dict(allow_none=True)
+
+
+class MessageRecord(Schema):
+    """GET /api/messages/<messageId>."""
+
+    messageId = fields.String()
+    status = fields.String()
+    from_ = fields.String(data_key="from", attribute="from")
+    recipients = fields.List(fields.String())
+    subject = fields.String()
+    transport = fields.String()
+    accepted = fields.List(fields.String())
+    rejected = fields.List(fields.Nested(RejectedRecipient))
+    smtpReply = fields.String(allow_none=True)
+    durationMs = fields.Float()
+    createdAt = fields.String()
+    opens = fields.Integer()
+    firstOpenedAt = fields.String(allow_none=True)
+    events = fields.List(fields.Nested(MessageEvent))
+
+
+# -- senders and suppressions -------------------------------------------------------------------
+
+
+class Sender(Schema):
+    """A verified sender of the account."""
+
+    email = fields.String()
+    name = fields.String(allow_none=True)
+    createdAt = fields.String(attribute="created_at")
+
+
+class SenderList(Schema):
+    """GET /api/senders."""
+
+    senders = fields.List(fields.Nested(Sender))
+
+
+class Suppression(Schema):
+    """An address the account will not send to."""
+
+    email = fields.String()
+    reason = fields.String()
+    code = fields.Integer(allow_none=True)
+    enhancedCode = fields.String(allow_none=True)
+    messageId = fields.String(allow_none=True)
+    createdAt = fields.String()
+
+
+class SuppressionList(Schema):
+    """GET /api/suppressions."""
+
+    suppressions = fields.List(fields.Nested(Suppression))

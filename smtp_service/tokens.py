@@ -1,0 +1,86 @@
+"""Verified bearer tokens kept per app, and the JWTManager that consults them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask, current_app
+from flask_jwt_extended import JWTManager
+
+from smtp_service.caches import LRUCache
+
+TOKEN_CACHE_KEY = "smtp_service_verified_tokens"
+
+
+class VerifiedTokens:
+    """A bounded LRU of tokens whose signature and claims were verified, with their claims.
+
+    Verifying an HS256 token costs about half a millisecond (PyJWT decodes it twice); a service
+    calling us sends the same token for many requests. Only a token that passed full
+    verification is stored, the entry is keyed on the whole encoded token (so any change to it
+    misses), and `exp` is checked again on every hit: time only moves forward, so `exp` is the
+    only claim that can turn a verified token invalid. An expired entry is dropped and the token
+    verified again from scratch, which raises the usual "expired" error.
+    """
+
+    def __init__(
+        self,
+        size: int = 4096,
+        leeway: float | timedelta = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.size = size
+        self.leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
+        self._clock = clock
+        self._items: LRUCache[str, dict[str, Any]] = LRUCache(size)
+
+    def get(self, token: str) -> dict[str, Any] | None:
+        """The claims of a verified, unexpired token; None when it must be verified again."""
+        claims = self._items.get(token)
+        if claims is None:
+            return None
+        if claims["exp"] <= self._clock() - self.leeway:
+            self._items.discard(token)
+            return None
+        return dict(claims)
+
+    def put(self, token: str, claims: dict[str, Any]) -> None:
+        """Remember a verified token; only tokens with a numeric exp are kept."""
+        exp = claims.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            return
+        self._items.put(token, dict(claims))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class CachingJWTManager(JWTManager):
+    """flask-jwt-extended with the app's VerifiedTokens in front of signature verification.
+
+    Everything after decoding (token type, our claim checks, the error callbacks) still runs on
+    every request; only the PyJWT decode of an already verified token is skipped. Each app gets
+    its own cache (JWT_CACHE_SIZE entries), so two apps never share a verification.
+    """
+
+    def init_app(self, app: Flask, add_context_processor: bool = False) -> None:
+        """Bind to the app and give it an empty token cache."""
+        super().init_app(app, add_context_processor)
+        app.extensions[TOKEN_CACHE_KEY] = VerifiedTokens(
+            size=app.config["JWT_CACHE_SIZE"], leeway=app.config["JWT_DECODE_LEEWAY"]
+        )
+
+    def _decode_jwt_from_config(
+        self, encoded_token: str, csrf_value: Any = None, allow_expired: bool = False
+    ) -> dict:
+        cache: VerifiedTokens | None = current_app.extensions.get(TOKEN_CACHE_KEY)
+        if cache is None or csrf_value is not None or allow_expired:
+            return super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
+        claims = cache.get(encoded_token)
+        if claims is None:
+            claims = super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
+            cache.put(encoded_token, claims)
+        return claims
