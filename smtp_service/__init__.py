@@ -55,7 +55,12 @@ class Services:
         except DatabaseError as exc:
             raise ConfigError(str(exc)) from None
         self.messages = MessageLog(self.database)
-        self.suppressions = SuppressionList(self.database)
+        self.suppressions = SuppressionList(
+            self.database,
+            days=config["SUPPRESSION_DAYS"],
+            soft_limit=config["SOFT_BOUNCE_LIMIT"],
+            soft_days=config["SOFT_BOUNCE_DAYS"],
+        )
         self.idempotency = IdempotencyStore(self.database)
         self.records = MessageRecords(self.messages, self.suppressions)
         self.pool = TransportPool(
@@ -85,6 +90,7 @@ class Services:
             global_from=config["SMTP_FROM"] or None,
             max_message_bytes=config["MAX_MESSAGE_BYTES"],
             max_recipients=config["MAX_RECIPIENTS"],
+            transaction=self.database.write,
         )
 
     def data_dir_writable(self) -> bool:

@@ -41,14 +41,21 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    low: float,
+    high: float,
+    unit: str = "seconds",
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
         value = float(raw.strip())
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
+        raise ConfigError(f"{name} must be a number of {unit}, not {raw!r}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
     return value
@@ -175,4 +182,7 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         ),
         "SMTP_POOL_MAX_ACCOUNTS": _int(env, "SMTP_POOL_MAX_ACCOUNTS", 1000, 1, 1_000_000),
         "SMTP_PIPELINING": _bool(env, "SMTP_PIPELINING", True),
+        "SUPPRESSION_DAYS": _float(env, "SUPPRESSION_DAYS", 30.0, 0.0, 36500.0, "days"),
+        "SOFT_BOUNCE_LIMIT": _int(env, "SOFT_BOUNCE_LIMIT", 3, 0, 1000),
+        "SOFT_BOUNCE_DAYS": _float(env, "SOFT_BOUNCE_DAYS", 7.0, 0.001, 3650.0, "days"),
     }

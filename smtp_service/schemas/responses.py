@@ -92,6 +92,25 @@ class HealthResponse(Schema):
 # -- sending ------------------------------------------------------------------------------------
 
 
+_CATEGORY = (
+    "Whose fault a refusal was: mailbox (the address does not exist), mailbox-full, transient "
+    "(the server cannot take it now), policy (the sender or the message was refused), "
+    "protocol; for a message not sent at all, the connection failure: dns, blocked, refused, "
+    "timeout, tls, auth, protocol or closed. The README has the table."
+)
+_TEMPORARY = "True when the same request can succeed later (retry after a while)."
+
+
+class Refusal(Schema):
+    """How a recipient's refusal reads to a caller that acts on it."""
+
+    email = fields.String()
+    code = fields.Integer(allow_none=True)
+    enhancedCode = fields.String(attribute="enhanced_code", allow_none=True)
+    temporary = fields.Boolean(metadata={"description": _TEMPORARY})
+    category = fields.String(metadata={"description": _CATEGORY})
+
+
 class RejectedRecipient(Schema):
     """A recipient the server refused."""
 
@@ -100,6 +119,8 @@ class RejectedRecipient(Schema):
     enhancedCode = fields.String(allow_none=True)
     reply = fields.String(allow_none=True)
     type = fields.String()
+    category = fields.String(metadata={"description": _CATEGORY})
+    temporary = fields.Boolean(metadata={"description": _TEMPORARY})
 
 
 class SendEmailResponse(Schema):
@@ -110,16 +131,23 @@ class SendEmailResponse(Schema):
     transport = fields.String()
     accepted = fields.List(fields.String())
     rejected = fields.List(fields.String())
+    refusals = fields.List(
+        fields.Nested(Refusal),
+        metadata={"description": "Present when `rejected` is not empty: each refusal's class."},
+    )
 
     @pre_dump
     def _from_result(self, result: SendResult, **_kwargs: Any) -> dict[str, Any]:
-        return {
+        answer = {
             "success": True,
             "messageId": result.message_id,
             "transport": result.transport,
             "accepted": result.accepted,
             "rejected": [r.email for r in result.rejected],
         }
+        if result.rejected and all(r.category for r in result.rejected):
+            answer["refusals"] = result.rejected  # (not for a result kept from before classes)
+        return answer
 
 
 class Bounce(Schema):
@@ -139,6 +167,8 @@ class SendFailedResponse(Schema):
     messageId = fields.String()
     transport = fields.String()
     bounce = fields.Nested(Bounce, allow_none=True)
+    temporary = fields.Boolean(metadata={"description": _TEMPORARY})
+    category = fields.String(metadata={"description": _CATEGORY})
     uncertain = fields.Boolean(
         metadata={
             "description": "Present (true) when the connection failed after the content was "
@@ -155,6 +185,9 @@ class SendFailedResponse(Schema):
             "error": result.error,
             "bounce": result.bounce,
         }
+        if result.temporary is not None:  # None: a result kept from before they were told
+            answer["temporary"] = result.temporary
+            answer["category"] = result.category
         if result.uncertain:
             answer["uncertain"] = True
         return answer
@@ -211,8 +244,12 @@ class Suppression(Schema):
     reason = fields.String()
     code = fields.Integer(allow_none=True)
     enhancedCode = fields.String(allow_none=True)
+    reply = fields.String(allow_none=True)
     messageId = fields.String(allow_none=True)
     createdAt = fields.String()
+    expiresAt = fields.String(
+        allow_none=True, metadata={"description": "null: kept until removed (SUPPRESSION_DAYS=0)"}
+    )
 
 
 class SuppressionList(Schema):

@@ -116,6 +116,10 @@ class SendResult:
     bounce: Bounce | None = None
     error: str | None = None
     uncertain: bool = False
+    # For a message not sent: whether a later retry can succeed, and whose fault it was (a
+    # services.bounces class for a refusal, the transport failure's kind otherwise).
+    temporary: bool | None = None
+    category: str | None = None
 
     @property
     def sent(self) -> bool:
@@ -146,6 +150,8 @@ class SendResult:
             },
             "error": self.error,
             "uncertain": self.uncertain,
+            "temporary": self.temporary,
+            "category": self.category,
         }
 
     @classmethod
@@ -170,5 +176,7 @@ class SendResult:
             ),
             error=data.get("error"),
             uncertain=bool(data.get("uncertain", False)),
+            temporary=data.get("temporary"),
+            category=data.get("category"),
         )
 

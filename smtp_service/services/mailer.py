@@ -6,12 +6,14 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
-from smtp_service.services.bounces import Refusal, classify_smtp_error
+from smtp_service.services.bounces import MAILBOX_FULL, Refusal, classify_smtp_error
 from smtp_service.services.compose import (
     Mailbox,
     build_message,
@@ -107,6 +109,7 @@ class Mailer:
         global_from: str | None,
         max_message_bytes: int,
         max_recipients: int,
+        transaction: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
         self.settings = settings
         self.senders = senders
@@ -118,6 +121,8 @@ class Mailer:
         self.global_from = global_from
         self.max_message_bytes = max_message_bytes
         self.max_recipients = max_recipients
+        self.transaction = transaction  # writes inside it commit together (Database.write)
+        self.storage_failures = 0  # writes that failed after the server took a message
 
     # -- choosing the server ---------------------------------------------------------------
 
@@ -175,15 +180,14 @@ class Mailer:
         if state == "pending":
             raise IdempotencyPending()
         try:
-            result = self._send(account_id, request)
+            # A settled result (delivered, or perhaps delivered: the content went out and no
+            # reply came back) completes the key in the transaction that records the message,
+            # so a retry with this key answers the same and never sends a second copy.
+            result = self._send(account_id, request, idempotency_key)
         except BaseException:
             self.idempotency.release(account_id, idempotency_key)
             raise
-        if result.settled:
-            # Delivered, or perhaps delivered (the content went out, no reply came back):
-            # a retry with this key answers the same and never sends a second copy.
-            self.idempotency.complete(account_id, idempotency_key, result.to_dict())
-        else:  # nothing was delivered: the same key may be retried
+        if not result.settled:  # nothing was delivered: the same key may be retried
             self.idempotency.release(account_id, idempotency_key)
         return result
 
@@ -196,7 +200,7 @@ class Mailer:
         if len(request.reply_to) > limit:
             raise InvalidInput.field("replyTo", f"At most {limit} addresses.")
 
-    def _send(self, account_id: str, request: SendRequest) -> SendResult:
+    def _send(self, account_id: str, request: SendRequest, key: str | None = None) -> SendResult:
         sender = parse_mailbox(request.sender, "from")
         to = parse_mailboxes(request.to, "to")
         cc = parse_mailboxes(request.cc, "cc")
@@ -234,7 +238,7 @@ class Mailer:
             raise MessageTooLarge(len(raw), self.max_message_bytes)
         envelope = Envelope(sender.address, tuple(recipients), raw, smtputf8)
         return self._deliver(
-            account_id, route, envelope, message_id, sender, request.subject, tracking
+            account_id, route, envelope, message_id, sender, request.subject, tracking, key
         )
 
     def _deliver(
@@ -246,6 +250,7 @@ class Mailer:
         sender: Mailbox,
         subject: str,
         tracking: bool,
+        key: str | None,
     ) -> SendResult:
         started = time.perf_counter()
         record = {
@@ -261,28 +266,68 @@ class Mailer:
             delivery = self.pool.send(route.pool_key, route.endpoint, envelope)
         except SendFailed as exc:
             return self._failed(
-                account_id, route, exc, record, (time.perf_counter() - started) * 1000
+                account_id, route, exc, record, (time.perf_counter() - started) * 1000, key
             )
         rejected = [
-            classify_smtp_error(email, code, _text(reply))
+            classify_smtp_error(email, code, _text(reply), "rcpt")
             for email, (code, reply) in delivery.refused.items()
         ]
-        self._suppress_hard(account_id, rejected, message_id)
-        self.messages.record(
-            **record,
-            status="sent",
-            accepted=list(delivery.accepted),
-            rejected=[r.as_dict() for r in rejected],
-            smtp_reply=delivery.reply,
-            duration_ms=delivery.duration_ms,
-        )
-        return SendResult(
+        result = SendResult(
             outcome="sent",
             message_id=message_id,
             transport=route.name,
             accepted=tuple(delivery.accepted),
             rejected=tuple(rejected),
         )
+
+
+        def write() -> None:
+            self._act_on_refusals(account_id, rejected, message_id)
+            self.messages.record(
+                **record,
+                status="sent",
+                accepted=list(delivery.accepted),
+                rejected=[r.as_dict() for r in rejected],
+                smtp_reply=delivery.reply,
+                duration_ms=delivery.duration_ms,
+            )
+
+        self._settle(account_id, result, key, write)
+        return result
+
+    def _settle(
+        self, account_id: str, result: SendResult, key: str | None, write: Callable[[], None]
+    ) -> None:
+        """Record a result the server may have (sent, or uncertain) and complete its
+        idempotency key, in one transaction. Nothing here may turn the answer into an error (a
+        retry would deliver a second copy): a failing write is logged (no detail that could
+        hold a secret) and counted in `storage_failures`, and the key is then completed alone."""
+        try:
+            with self.transaction():
+                write()
+                if key is not None:
+                    self.idempotency.complete(account_id, key, result.to_dict())
+            return
+        except Exception as exc:  # noqa: BLE001 - the message went out: answer it as sent
+            self.storage_failures += 1
+            log.error(
+                "account %s: message %s went to the server but could not be recorded (%s)",
+                account_id,
+                result.message_id,
+                type(exc).__name__,
+            )
+        if key is None:
+            return
+        try:
+            self.idempotency.complete(account_id, key, result.to_dict())
+        except Exception as exc:  # noqa: BLE001 - as above
+            self.storage_failures += 1
+            log.error(
+                "account %s: idempotency key of message %s could not be completed (%s)",
+                account_id,
+                result.message_id,
+                type(exc).__name__,
+            )
 
     def _failed(
         self,
@@ -291,6 +336,7 @@ class Mailer:
         exc: SendFailed,
         record: dict[str, Any],
         duration_ms: float,
+        key: str | None = None,
     ) -> SendResult:
         message_id = record["message_id"]
         if exc.transport is not None:
@@ -301,34 +347,44 @@ class Mailer:
                     "so it is not retried"
                 )
             log.warning("account %s: %s transport failed: %s", account_id, route.name, text)
-            self.messages.record(
-                **record,
-                status="failed",
-                accepted=[],
-                rejected=[],
-                smtp_reply=text,
-                duration_ms=duration_ms,
-            )
-            return SendResult(
+            result = SendResult(
                 outcome="failed",
                 message_id=message_id,
                 transport=route.name,
                 error=f"SMTP send failed: {text}",
                 uncertain=exc.uncertain,
+                temporary=exc.transport.temporary and not exc.uncertain,
+                category=exc.transport.kind,
             )
+
+            def write() -> None:
+                self.messages.record(
+                    **record,
+                    status="failed",
+                    accepted=[],
+                    rejected=[],
+                    smtp_reply=text,
+                    duration_ms=duration_ms,
+                )
+
+            if exc.uncertain:
+                self._settle(account_id, result, key, write)
+            else:
+                write()
+            return result
         if exc.refused:
             refusals = [
-                classify_smtp_error(email, code, _text(reply))
+                classify_smtp_error(email, code, _text(reply), exc.phase)
                 for email, (code, reply) in exc.refused.items()
             ]
         else:  # MAIL or DATA refused: the whole message bounced for every recipient
             refusals = [
-                classify_smtp_error(email, exc.code, exc.reply) for email in record["recipients"]
+                classify_smtp_error(email, exc.code, exc.reply, exc.phase)
+                for email in record["recipients"]
             ]
-        if exc.phase == "rcpt":
-            # Only a refusal of the recipient itself says the address is bad; a refused sender
-            # (MAIL) or a refused message (DATA: policy, content) says nothing about it.
-            self._suppress_hard(account_id, refusals, message_id)
+        # Only a refusal of the recipient itself says the address is bad; classify() makes a
+        # refused sender (MAIL) or message (DATA: policy, content) say nothing about it.
+        self._act_on_refusals(account_id, refusals, message_id)
         first = refusals[0]
         self.messages.record(
             **record,
@@ -350,19 +406,24 @@ class Mailer:
                 recipients=tuple(r.email for r in refusals),
             ),
             error=f"SMTP server refused the message: {first.code} {first.reply}",
+            temporary=all(r.temporary for r in refusals),
+            category=first.category,
         )
 
-    def _suppress_hard(self, account_id: str, refusals: list[Refusal], message_id: str) -> None:
+    def _act_on_refusals(self, account_id: str, refusals: list[Refusal], message_id: str) -> None:
+        """Suppress addresses the server said do not exist; count mailbox-full refusals, which
+        suppress only after SOFT_BOUNCE_LIMIT of them (services.bounces has the classes)."""
         for r in refusals:
-            if r.type == "hard":
-                self.suppressions.suppress(
-                    account_id,
-                    r.email,
-                    reason="hard bounce",
-                    code=r.code,
-                    enhanced_code=r.enhanced_code,
-                    message_id=message_id,
-                )
+            details = {
+                "code": r.code,
+                "enhanced_code": r.enhanced_code,
+                "message_id": message_id,
+                "reply": r.reply,
+            }
+            if r.suppresses:
+                self.suppressions.suppress(account_id, r.email, reason="hard bounce", **details)
+            elif r.category == MAILBOX_FULL:
+                self.suppressions.soft_bounce(account_id, r.email, **details)
 
     # -- tracking ---------------------------------------------------------------------------
 

@@ -54,14 +54,29 @@ class SmtpEndpoint:
     trusted: bool = False  # the global server from the environment skips the SSRF check
 
 
+# Kinds of failure a later retry can get past as they are (the server or network may recover);
+# the others need the settings or the account changed first.
+_TEMPORARY_KINDS = frozenset({"dns", "refused", "timeout", "closed"})
+
+
 class TransportError(Exception):
     """A connection-level failure; `kind` is one of dns, blocked, refused, timeout, tls, auth,
-    protocol, closed. The text is safe to show to the caller."""
+    protocol, closed; `code` the server's reply code where a reply said it. The text is safe
+    to show to the caller."""
 
-    def __init__(self, kind: str, text: str) -> None:
+    def __init__(self, kind: str, text: str, code: int | None = None) -> None:
         super().__init__(text)
         self.kind = kind
         self.text = text
+        self.code = code
+
+    @property
+    def temporary(self) -> bool:
+        """True when a retry later can succeed unchanged: a network fault, or a 4xx reply
+        (421 at the greeting, 454 to AUTH) (RFC 5321 section 4.2.1)."""
+        if self.code is not None:
+            return 400 <= self.code <= 499
+        return self.kind in _TEMPORARY_KINDS
 
 
 def tls_context() -> ssl.SSLContext:
@@ -152,7 +167,8 @@ def describe_failure(exc: BaseException, endpoint: SmtpEndpoint) -> TransportErr
         kind, text = "refused", f"Cannot connect to {where}: {exc.strerror or type(exc).__name__}"
     else:
         kind, text = "protocol", f"Unexpected failure: {type(exc).__name__}"
-    return TransportError(kind, _scrub(text, endpoint))
+    code = exc.smtp_code if isinstance(exc, smtplib.SMTPResponseException) else None
+    return TransportError(kind, _scrub(text, endpoint), code)
 
 
 def connect(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> smtplib.SMTP:

@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class Database:
         self._gate = _WriteGate(self.path + ".lock") if self.path else None
         self._migrated = False
         self._migrate_lock = threading.Lock()
+        self._local = threading.local()  # the thread's open write transaction, if any
         _live.add(self)
         # Connections are closed (not dropped) when the Database goes away.
         weakref.finalize(self, self.engine.dispose)
@@ -131,14 +132,22 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A write transaction, committed when the block ends and rolled back if it raises."""
-        self._ready()
-        if self._gate is None:
-            with self.engine.begin() as conn:
-                yield conn
+        """A write transaction, committed when the block ends and rolled back if it raises.
+
+        Nested in another write() of the same thread, it is part of that one: several stores'
+        writes then commit or roll back together.
+        """
+        current: Connection | None = getattr(self._local, "conn", None)
+        if current is not None:
+            yield current
             return
-        with self._gate.hold(), self.engine.begin() as conn:
-            yield conn
+        self._ready()
+        with self._gate.hold() if self._gate else nullcontext(), self.engine.begin() as conn:
+            self._local.conn = conn
+            try:
+                yield conn
+            finally:
+                self._local.conn = None
 
     def query(self, statement: Executable, params: dict[str, Any] | None = None) -> Result:
         """Run one read-only statement, a snapshot by itself (on SQLite outside a transaction);

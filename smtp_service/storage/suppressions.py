@@ -10,9 +10,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from smtp_service.storage.database import Database, storable
 from smtp_service.storage.messages import iso_ms
-from smtp_service.storage.tables import suppressions
+from smtp_service.storage.tables import soft_bounces, suppressions
 
 _IN_CHUNK = 500  # bound parameters per statement, below SQLite's limit on every version
+
+
+_DAY_MS = 86_400_000
+# Rows created before :since have expired (since = 0 when suppressions never expire).
+_ACTIVE = suppressions.c.created_at >= sa.bindparam("since")
 
 
 @functools.lru_cache(maxsize=64)
@@ -22,6 +27,7 @@ def _select_some(count: int) -> sa.Select:
     return sa.select(suppressions.c.email).where(
         suppressions.c.account_id == sa.bindparam("account_id"),
         suppressions.c.email.in_([sa.bindparam(f"e{i}") for i in range(count)]),
+        _ACTIVE,
     )
 
 
@@ -31,17 +37,31 @@ def _upsert(dialect: str) -> Any:
         index_elements=[suppressions.c.account_id, suppressions.c.email],
         set_={
             name: insert.excluded[name]
-            for name in ("reason", "code", "enhanced_code", "message_id", "created_at")
+            for name in ("reason", "code", "enhanced_code", "message_id", "created_at", "reply")
         },
     )
 
 
 class SuppressionList:
-    """Per-account suppressed addresses, stored lower-cased; every query scoped to one account."""
+    """Per-account suppressed addresses, stored lower-cased; every query scoped to one account.
 
-    def __init__(self, db: Database) -> None:
+    A suppression lasts `days` (0: until removed), as Postal keeps them 30 days: a mailbox that
+    did not exist may exist later. `soft_limit` address-level temporary refusals (mailbox full)
+    within `soft_days` suppress the address too (0: never), listmonk's bounce-actions model.
+    """
+
+    def __init__(
+        self, db: Database, *, days: float = 0, soft_limit: int = 0, soft_days: float = 7
+    ) -> None:
         self.db = db
+        self.days = days
+        self.soft_limit = soft_limit
+        self.soft_days = soft_days
         self._upsert = _upsert(db.dialect)
+
+    def _since(self) -> int:
+        """Creation times before this (ms) have expired."""
+        return self.db.now_ms() - int(self.days * _DAY_MS) if self.days else 0
 
     def suppress(
         self,
@@ -52,6 +72,7 @@ class SuppressionList:
         code: int | None,
         enhanced_code: str | None,
         message_id: str | None,
+        reply: str | None = None,
     ) -> None:
         """Stop sending to an address; a repeat replaces the details and the date."""
         with self.db.write() as conn:
@@ -65,25 +86,74 @@ class SuppressionList:
                     "enhanced_code": enhanced_code,
                     "message_id": message_id,
                     "created_at": self.db.now_ms(),
+                    "reply": reply,
                 },
             )
+
+    def soft_bounce(
+        self,
+        account_id: str,
+        email: str,
+        *,
+        code: int | None,
+        enhanced_code: str | None,
+        message_id: str | None,
+        reply: str | None = None,
+    ) -> bool:
+        """Count an address-level temporary refusal; True when it made `soft_limit` within
+        `soft_days` and the address is now suppressed (reason "soft bounces")."""
+        if not self.soft_limit or not storable(email):
+            return False
+        now = self.db.now_ms()
+        address = email.lower()
+        mine = (soft_bounces.c.account_id == account_id) & (soft_bounces.c.email == address)
+        with self.db.write() as conn:
+            conn.execute(
+                soft_bounces.delete().where(
+                    mine, soft_bounces.c.at < now - int(self.soft_days * _DAY_MS)
+                )
+            )
+            conn.execute(
+                soft_bounces.insert(), {"account_id": account_id, "email": address, "at": now}
+            )
+            count = conn.execute(sa.select(sa.func.count()).where(mine)).scalar_one()
+            if count < self.soft_limit:
+                return False
+            conn.execute(soft_bounces.delete().where(mine))
+            conn.execute(
+                self._upsert,
+                {
+                    "account_id": account_id,
+                    "email": address,
+                    "reason": "soft bounces",
+                    "code": code,
+                    "enhanced_code": enhanced_code,
+                    "message_id": message_id,
+                    "created_at": now,
+                    "reply": reply,
+                },
+            )
+        return True
 
     def list(self, account_id: str) -> list[dict[str, Any]]:
         """The account's suppressed addresses, newest first (the API's suppression shape)."""
         query = (
             sa.select(suppressions)
-            .where(suppressions.c.account_id == account_id)
+            .where(suppressions.c.account_id == account_id, _ACTIVE)
             .order_by(suppressions.c.created_at.desc(), suppressions.c.email)
         )
-        rows = self.db.query(query).all()
+        rows = self.db.query(query, {"since": self._since()}).all()
+        ttl = int(self.days * _DAY_MS)
         return [
             {
                 "email": r.email,
                 "reason": r.reason,
                 "code": r.code,
                 "enhancedCode": r.enhanced_code,
+                "reply": r.reply,
                 "messageId": r.message_id,
                 "createdAt": iso_ms(r.created_at),
+                "expiresAt": iso_ms(r.created_at + ttl) if ttl else None,
             }
             for r in rows
         ]
@@ -93,9 +163,11 @@ class SuppressionList:
         wanted = sorted({e.lower() for e in emails if storable(e)})
         chunks = [wanted[i : i + _IN_CHUNK] for i in range(0, len(wanted), _IN_CHUNK)]
         found: set[str] = set()
+        since = self._since()
         for chunk in chunks:  # each chunk one statement, a snapshot by itself
             params = {f"e{i}": email for i, email in enumerate(chunk)}
             params["account_id"] = account_id
+            params["since"] = since
             found.update(self.db.query(_select_some(len(chunk)), params).scalars())
         return [e for e in emails if e.lower() in found]
 
@@ -104,7 +176,9 @@ class SuppressionList:
         if not storable(email):
             return False
         delete = suppressions.delete().where(
-            suppressions.c.account_id == account_id, suppressions.c.email == email.lower()
+            suppressions.c.account_id == account_id,
+            suppressions.c.email == email.lower(),
+            suppressions.c.created_at >= self._since(),
         )
         with self.db.write() as conn:
             return bool(conn.execute(delete).rowcount)

@@ -69,7 +69,19 @@ suppressions = Table(
     Column("enhanced_code", Text),
     Column("message_id", Text),
     Column("created_at", BigInteger, nullable=False),
+    Column("reply", Text),
 )
+
+# One row per address-level temporary refusal (mailbox full), counted within a window.
+soft_bounces = Table(
+    "soft_bounces",
+    metadata,
+    Column("id", _ROW_ID, primary_key=True, autoincrement=True),
+    Column("account_id", Text, nullable=False),
+    Column("email", Text, nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
+Index("soft_bounces_by_address", soft_bounces.c.account_id, soft_bounces.c.email, soft_bounces.c.at)
 
 idempotency = Table(
     "idempotency",

@@ -45,7 +45,7 @@ def test_the_store_keeps_the_send_result(app, client, tokens, smtp_server):
 
     digest = SendRequest(sender=SMTP_USER, to=["rcpt@example.net"], subject="Hi",
                          text="x").digest()
-    state, stored = app.extensions["smtp_service"].messages.claim("acct-a", "k-2", digest)
+    state, stored = app.extensions["smtp_service"].idempotency.claim("acct-a", "k-2", digest)
     assert state == "replay"
     assert stored["outcome"] == "sent" and stored["message_id"] == r.json["messageId"]
     assert "success" not in stored  # a domain result, not the HTTP body

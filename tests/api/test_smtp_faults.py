@@ -78,20 +78,21 @@ def _assert_recovers(client, tokens, server, **body):
 
 
 @pytest.mark.parametrize(
-    ("stage", "action", "text", "slow"),
+    ("stage", "action", "text", "slow", "category", "temporary"),
     [
-        ("connect", "close", "closed the connection", False),
-        ("connect", "421 4.3.2 Too many connections", "SMTP send failed: ", False),
-        ("connect", "stall", "Timed out talking to localhost:", True),
-        ("mail", "close", "closed the connection", False),
-        ("content", "close", "closed the connection", False),
-        ("content", "stall", "Timed out talking to localhost:", True),
+        ("connect", "close", "closed the connection", False, "closed", True),
+        ("connect", "421 4.3.2 Too many connections", "SMTP send failed: ", False, "refused", True),
+        ("connect", "stall", "Timed out talking to localhost:", True, "timeout", True),
+        ("mail", "close", "closed the connection", False, "closed", True),
+        # the content went out: the server may have it, so it must not be sent again
+        ("content", "close", "closed the connection", False, "closed", False),
+        ("content", "stall", "Timed out talking to localhost:", True, "timeout", False),
     ],
     ids=["close-after-greeting", "421-on-connect", "stall-at-greeting", "close-after-mail",
          "close-after-content", "stall-at-final-reply"],
 )
 def test_connection_failures_are_502_without_bounce(client, tokens, server, stage, action, text,
-                                                    slow):
+                                                    slow, category, temporary):
     _use(client, tokens, server)
     server.fault(stage, action)
     r, elapsed = _send(client, tokens)
@@ -101,7 +102,8 @@ def test_connection_failures_are_502_without_bounce(client, tokens, server, stag
     assert r.status_code == 502, r.json
     message_id = r.json["messageId"]
     expected = {"success": False, "messageId": message_id, "transport": "custom",
-                "error": r.json["error"], "bounce": None}
+                "error": r.json["error"], "bounce": None, "temporary": temporary,
+                "category": category}
     if stage == "content":  # the content went out: the server may have it
         expected["uncertain"] = True
     assert r.json == expected
@@ -119,16 +121,16 @@ def test_connection_failures_are_502_without_bounce(client, tokens, server, stag
 
 
 @pytest.mark.parametrize(
-    ("stage", "reply", "kind"),
+    ("stage", "reply", "kind", "category"),
     [
-        ("mail", "421 4.3.2 Service shutting down", "soft"),
-        ("rcpt", "451 4.3.0 Mailbox temporarily unavailable", "soft"),
-        ("data", "452 4.3.1 Insufficient system storage", "soft"),
-        ("content", "554 5.7.1 Message rejected as spam", "hard"),
+        ("mail", "421 4.3.2 Service shutting down", "soft", "transient"),
+        ("rcpt", "451 4.3.0 Mailbox temporarily unavailable", "soft", "transient"),
+        ("data", "452 4.3.1 Insufficient system storage", "soft", "transient"),
+        ("content", "554 5.7.1 Message rejected as spam", "hard", "policy"),
     ],
     ids=["421-on-mail", "451-on-rcpt", "452-on-data", "554-after-content"],
 )
-def test_refusals_are_502_bounces(client, tokens, server, stage, reply, kind):
+def test_refusals_are_502_bounces(client, tokens, server, stage, reply, kind, category):
     _use(client, tokens, server)
     server.fault(stage, reply)
     r, elapsed = _send(client, tokens)
@@ -143,6 +145,8 @@ def test_refusals_are_502_bounces(client, tokens, server, stage, reply, kind):
         "error": f"SMTP server refused the message: {code} {text}",
         "bounce": {"type": kind, "code": code, "enhancedCode": text.split()[0],
                    "recipients": [RCPT]},
+        "temporary": kind == "soft",
+        "category": category,
     }
     record = _record(client, tokens, message_id)
     assert record["status"] == "bounced" and record["accepted"] == []
@@ -152,7 +156,8 @@ def test_refusals_are_502_bounces(client, tokens, server, stage, reply, kind):
     assert server.messages == [] and server.count("DATA") == data_sent
     if stage == "content":
         assert _ids(server.refused) == [f"<{message_id}>"]
-    # A hard bounce suppresses the address (README), so recovery goes to another one.
+    # None of these is about the address: nothing is suppressed (README, the bounce table).
+    assert client.get("/api/suppressions", headers=tokens.headers()).json["suppressions"] == []
     _assert_recovers(client, tokens, server, to="next@example.net")
     assert server.connections == (2 if code == 421 else 1)  # only a 421 costs the connection
 

@@ -273,16 +273,20 @@ def test_suppress_round_trip_newest_first(log: Stores, clock: FakeClock) -> None
             "reason": "manual",
             "code": None,
             "enhancedCode": None,
+            "reply": None,
             "messageId": None,
             "createdAt": "2025-11-10T21:00:01.000Z",
+            "expiresAt": None,
         },
         {
             "email": "bad@example.net",
             "reason": "hard bounce",
             "code": 550,
             "enhancedCode": "5.1.1",
+            "reply": None,
             "messageId": "<m1@x>",
             "createdAt": "2025-11-10T21:00:00.000Z",
+            "expiresAt": None,
         },
     ]
 
@@ -311,8 +315,10 @@ def test_suppress_is_an_upsert(log: Stores, clock: FakeClock) -> None:
             "reason": "hard bounce",
             "code": 551,
             "enhancedCode": "5.1.6",
+            "reply": None,
             "messageId": "<m2@x>",
             "createdAt": "2025-11-10T21:00:05.000Z",
+            "expiresAt": None,
         }
     ]
 

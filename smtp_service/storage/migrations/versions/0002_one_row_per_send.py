@@ -31,9 +31,17 @@ def _result(status: int, body: dict) -> dict:
             "message_id": body["messageId"],
             "transport": body["transport"],
             "accepted": body["accepted"],
-            # the answer named the refused addresses only
+            # the answer named the refused addresses only: nothing else is known of them
             "rejected": [
-                {"email": e, "code": None, "enhancedCode": None, "reply": None, "type": "hard"}
+                {
+                    "email": e,
+                    "code": None,
+                    "enhancedCode": None,
+                    "reply": None,
+                    "type": "hard",
+                    "category": None,
+                    "temporary": None,
+                }
                 for e in body["rejected"]
             ],
             "bounce": None,
