@@ -22,8 +22,9 @@ from smtp_service.services.compose import (
     parse_mailboxes,
     with_open_pixel,
 )
-from smtp_service.services.pool import Envelope, SendFailed, TransportPool
+from smtp_service.services.pool import TransportPool
 from smtp_service.services.senders import SenderService
+from smtp_service.services.session import Envelope, SendFailed
 from smtp_service.services.settings import SettingsService, StoredSettingsUnusable
 from smtp_service.services.transport import SmtpEndpoint
 from smtp_service.storage.messages import MessageLog

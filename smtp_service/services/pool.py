@@ -1,4 +1,4 @@
-"""The transporter cache: open, authenticated SMTP connections kept per account and reused.
+"""The transporter cache: open, authenticated SMTP sessions kept per account and reused.
 
 One pool per worker process. A key names an account's server and everything that makes its
 connections differ (`{account}:{fingerprint}`), so changed settings never reuse an old
@@ -7,12 +7,13 @@ connection. Each key holds at most `size` connections; a connection is retired a
 error. A reused connection that turns out to be dead before the message content went out is
 replaced once by a fresh one; after the content went out nothing is resent (the server may have
 the message), and the failure says so (`uncertain`).
+
+The SMTP transaction itself (pipelining, RSET, dot-stuffing) is session.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import smtplib
 import threading
 import time
@@ -20,63 +21,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from smtp_service.services.transport import (
-    SmtpEndpoint,
-    TransportError,
-    close_quietly,
-    describe_failure,
-)
+from smtp_service.services.session import Delivery, Envelope, SendFailed, Session, StaleConnection
+from smtp_service.services.transport import SmtpEndpoint, TransportError
+
+__all__ = ["Connect", "Delivery", "Envelope", "SendFailed", "TransportPool"]
 
 log = logging.getLogger(__name__)
 
 Connect = Callable[[SmtpEndpoint], smtplib.SMTP]
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What goes over the wire: MAIL FROM, RCPT TO and the message bytes."""
-
-    mail_from: str
-    recipients: tuple[str, ...]
-    data: bytes
-    smtputf8: bool = False
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """The server took the message for `accepted`; `refused` maps address -> (code, reply)."""
-
-    accepted: tuple[str, ...]
-    refused: dict[str, tuple[int, str]]
-    reply: str
-    duration_ms: float
-
-
-class SendFailed(Exception):
-    """Nothing was delivered. Either the server refused (code/reply, or per-recipient `refused`)
-    or the connection failed (`transport`). `uncertain` is true when the content had been sent
-    before the failure, so the server may still deliver it."""
-
-    def __init__(
-        self,
-        phase: str,
-        code: int | None = None,
-        reply: str | None = None,
-        refused: dict[str, tuple[int, str]] | None = None,
-        transport: TransportError | None = None,
-        uncertain: bool = False,
-    ) -> None:
-        super().__init__(transport.text if transport else f"{phase}: {code} {reply}")
-        self.phase = phase
-        self.code = code
-        self.reply = reply
-        self.refused = refused or {}
-        self.transport = transport
-        self.uncertain = uncertain
-
-
-class _Retry(Exception):
-    """A reused connection was dead before any content went out: try a fresh one."""
 
 
 @dataclass
@@ -91,36 +43,29 @@ class _Slot:
 
 @dataclass
 class _Conn:
-    smtp: smtplib.SMTP
+    """A session and the pool's record of it."""
+
+    session: Session
     created: float
     last_used: float
     # The slot that counts this connection. A key retired while the connection was in use may
     # get a new slot; the connection must not come back into (or be uncounted from) that one.
     slot: _Slot | None = None
-    endpoint: SmtpEndpoint | None = None  # where it goes: a replacement is opened alike
     sent: int = 0
     reused: bool = False
-    healthy: bool = True
-
-
-_CRLF = re.compile(rb"\r\n|\r(?!\n)|\n")
-_DOT = re.compile(rb"(?m)^\.")
-
-
-def _wire_data(data: bytes) -> bytes:
-    """CRLF line ends, leading dots doubled, terminated by CRLF.CRLF (RFC 5321 4.5.2)."""
-    q = _DOT.sub(b"..", _CRLF.sub(b"\r\n", data))
-    if not q.endswith(b"\r\n"):
-        q += b"\r\n"
-    return q + b".\r\n"
-
-
-def _text(reply: bytes | str) -> str:
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
 
 
 class TransportPool:
-    """Per-key pools of SMTP connections, safe to use from many threads."""
+    """Per-key pools of SMTP sessions, safe to use from many threads.
+
+    `connect(endpoint)` opens an authenticated smtplib.SMTP or raises TransportError (for
+    example transport.connect with its timeout and host guard bound). Limits: `size` connections
+    per key (0: a new connection per message, closed after it), `max_messages` messages per
+    connection, `idle_seconds` unused and `max_lifetime` seconds old, `max_accounts` keys kept
+    (least recently used idle ones retired beyond), NOOP before reusing a connection idle for
+    `noop_after` seconds, `acquire_timeout` seconds to wait for a free connection. `pipelining`
+    False never pipelines (RFC 2920), even when the server offers it. `clock` returns seconds
+    (monotonic), for tests."""
 
     def __init__(
         self,
@@ -160,22 +105,30 @@ class TransportPool:
     # -- public ------------------------------------------------------------------------------
 
     def send(self, key: str, endpoint: SmtpEndpoint, envelope: Envelope) -> Delivery:
-        """Deliver one envelope through a pooled connection; raises SendFailed."""
+        """Deliver one envelope through a pooled session to `endpoint`, kept under `key`
+        (`{account}:{fingerprint}`).
+
+        Returns the session's Delivery (`duration_ms` counts from this call, waiting for a
+        connection included). Raises SendFailed: phase "connect" when no connection could be
+        opened or none became free within `acquire_timeout` seconds (`transport.kind`
+        "timeout"); otherwise as Session.transact. A reused connection found dead before the
+        content went out is replaced once, invisibly (counted as "retried")."""
         started = time.perf_counter()
         if self.size <= 0:
-            conn = self._open(endpoint, "connect")
+            conn = self._open(endpoint)
             try:
-                return self._transact(conn, endpoint, envelope, started)
+                return conn.session.transact(envelope, started=started)
             finally:
-                close_quietly(conn.smtp)
+                conn.session.close()
         try:
             return self._send_once(key, endpoint, envelope, started, fresh=False)
-        except _Retry:
+        except StaleConnection:
             self._bump("retried")
             return self._send_once(key, endpoint, envelope, started, fresh=True)
 
     def forget(self, account_id: str) -> None:
-        """Close the account's connections (its settings changed or went away)."""
+        """Close the account's idle connections (its settings changed or went away); those in
+        use close when they come back. Never raises."""
         self._retire(lambda key: key.startswith(f"{account_id}:"))
 
     def close_all(self) -> None:
@@ -187,7 +140,8 @@ class TransportPool:
         self._init_state()
 
     def stats(self) -> dict[str, int]:
-        """Counters and sizes, for tests and the benchmark."""
+        """Counters and sizes, for tests and the benchmark: opened, reused, retired, retried
+        (connections, since start), keys (held), open and idle (connections now)."""
         with self._lock:
             return {
                 **self._counts,
@@ -200,26 +154,30 @@ class TransportPool:
         self, key: str, endpoint: SmtpEndpoint, envelope: Envelope, started: float, fresh: bool
     ) -> Delivery:
         conn = self._acquire(key, endpoint, fresh=fresh)
+        session = conn.session
         try:
-            return self._transact(conn, endpoint, envelope, started)
+            if conn.reused and self._clock() - conn.last_used >= self.noop_after:
+                session.check_alive()
+            return session.transact(envelope, reused=conn.reused, started=started)
         except SendFailed:
-            raise  # a refusal leaves the connection healthy; a failure has marked it
+            raise  # a refusal leaves the session healthy; a failure has marked it
         except BaseException:
-            conn.healthy = False  # _Retry, or interrupted mid-transaction: state unknown
+            session.healthy = False  # StaleConnection, or interrupted mid-transaction
             raise
         finally:
             self._release(conn)
 
     # -- connections -------------------------------------------------------------------------
 
-    def _open(self, endpoint: SmtpEndpoint, phase: str, slot: _Slot | None = None) -> _Conn:
+    def _open(self, endpoint: SmtpEndpoint, slot: _Slot | None = None) -> _Conn:
         try:
             smtp = self._connect(endpoint)
         except TransportError as exc:
-            raise SendFailed(phase, transport=exc) from None
+            raise SendFailed("connect", transport=exc) from None
         now = self._clock()
         self._bump("opened")
-        return _Conn(smtp, created=now, last_used=now, slot=slot, endpoint=endpoint)
+        session = Session(smtp, endpoint, pipelining=self.pipelining)
+        return _Conn(session, created=now, last_used=now, slot=slot)
 
     def _expired(self, conn: _Conn, now: float) -> bool:
         return (
@@ -277,7 +235,7 @@ class TransportPool:
         if conn is not None:
             return conn
         try:
-            return self._open(endpoint, "connect", slot)
+            return self._open(endpoint, slot)
         except BaseException:
             with self._lock:
                 slot.open -= 1
@@ -324,15 +282,16 @@ class TransportPool:
         (not forgotten meanwhile), else QUIT and close."""
         conn.sent += 1
         conn.last_used = self._clock()
+        healthy = conn.session.healthy
         slot = conn.slot
         assert slot is not None and slot.cond is not None
         with self._lock:
-            if not slot.retired and conn.healthy and not self._expired(conn, conn.last_used):
+            if not slot.retired and healthy and not self._expired(conn, conn.last_used):
                 slot.idle.append(conn)
                 slot.cond.notify()
                 return
             self._counts["retired"] += 1
-            if not slot.retired and conn.healthy:
+            if not slot.retired and healthy:
                 # Worn out (max messages or lifetime) while in use: the account is busy. Its
                 # place stays counted for a replacement, opened (and the old one QUIT) in the
                 # background, so that no request waits for a QUIT or a new TLS + AUTH.
@@ -342,15 +301,15 @@ class TransportPool:
                 return
             slot.open -= 1  # a retired slot's waiters move to the key's new slot
             slot.cond.notify()
-        close_quietly(conn.smtp)
+        conn.session.close()
 
     def _replace(self, old: _Conn) -> None:
         """QUIT a worn-out connection and open its replacement into the same slot."""
         slot = old.slot
-        assert slot is not None and slot.cond is not None and old.endpoint is not None
-        close_quietly(old.smtp)
+        assert slot is not None and slot.cond is not None
+        old.session.close()
         try:
-            new = self._open(old.endpoint, "connect", slot)
+            new = self._open(old.session.endpoint, slot)
         except Exception:  # noqa: BLE001 - the next request opens one itself and reports it
             log.info("pool: opening a replacement connection failed; the next send will retry")
             new = None
@@ -368,144 +327,4 @@ class TransportPool:
         if conns:
             self._bump("retired", len(conns))
         for conn in conns:
-            close_quietly(conn.smtp)
-
-    # -- one SMTP transaction ----------------------------------------------------------------
-
-    def _transact(
-        self, conn: _Conn, endpoint: SmtpEndpoint, envelope: Envelope, started: float
-    ) -> Delivery:
-        smtp = conn.smtp
-        content_sent = False
-        # RFC 2920: with PIPELINING, MAIL, every RCPT and DATA go out in one write and their
-        # replies are read in order, one round trip instead of 2 + recipients. The content
-        # still waits for DATA's 354. `owed` counts replies sent for but not read yet.
-        pipelined = self.pipelining and smtp.has_extn("pipelining")
-        owed = 0
-
-        def failed(exc: BaseException, phase: str) -> BaseException:
-            error = describe_failure(exc, endpoint)
-            if conn.reused and not content_sent and error.kind == "closed":
-                return _Retry(error.text)
-            return SendFailed(phase, transport=error, uncertain=content_sent)
-
-        phase = "mail"
-        try:
-            if conn.reused and self._clock() - conn.last_used >= self.noop_after:
-                code, _ = smtp.noop()
-                if code != 250:
-                    raise smtplib.SMTPServerDisconnected(f"NOOP answered {code}")
-            options: list[str] = []
-            if envelope.smtputf8:
-                if not smtp.has_extn("smtputf8"):
-                    raise SendFailed(
-                        "mail",
-                        transport=TransportError(
-                            "protocol",
-                            "Server does not support SMTPUTF8, which this message needs "
-                            "(an address is not ASCII)",
-                        ),
-                    )
-                options += ["SMTPUTF8", "BODY=8BITMIME"]
-            if smtp.does_esmtp and smtp.has_extn("size"):
-                options.append(f"SIZE={len(envelope.data)}")
-            if pipelined:
-                smtp.command_encoding = "utf-8" if envelope.smtputf8 else "ascii"
-                smtp.send(_pipeline(envelope, options))
-                code, reply = smtp.getreply()
-                owed = len(envelope.recipients) + 1  # each RCPT's reply and DATA's
-            else:
-                code, reply = smtp.mail(envelope.mail_from, options)
-            if code == 421 and conn.reused:
-                raise smtplib.SMTPServerDisconnected("421 at MAIL")
-            if code != 250:
-                self._reset(conn, code, owed)
-                raise SendFailed("mail", code, _text(reply))
-
-            phase = "rcpt"
-            accepted: list[str] = []
-            refused: dict[str, tuple[int, str]] = {}
-            for rcpt in envelope.recipients:
-                if pipelined:
-                    code, reply = smtp.getreply()
-                    owed -= 1
-                else:
-                    code, reply = smtp.rcpt(rcpt)
-                if code in (250, 251):
-                    accepted.append(rcpt)
-                else:
-                    refused[rcpt] = (code, _text(reply))
-                if code == 421:  # the server is closing: the rest cannot be tried here
-                    for rest in envelope.recipients[len(accepted) + len(refused) :]:
-                        refused[rest] = (code, _text(reply))
-                    break
-            if not accepted:
-                closing = any(c == 421 for c, _ in refused.values())
-                self._reset(conn, 421 if closing else 0, owed)
-                raise SendFailed("rcpt", refused=refused)
-
-            phase = "data"
-            if not pipelined:
-                smtp.putcmd("data")
-            code, reply = smtp.getreply()
-            owed = 0
-            if code != 354:
-                self._reset(conn, code)
-                raise SendFailed(
-                    "data",
-                    code,
-                    _text(reply),
-                    refused={**refused, **{a: (code, _text(reply)) for a in accepted}},
-                )
-            content_sent = True
-            smtp.send(_wire_data(envelope.data))
-            code, reply = smtp.getreply()
-            if code != 250:  # the transaction is over either way; no RSET needed
-                conn.healthy = code != 421
-                raise SendFailed(
-                    "data",
-                    code,
-                    _text(reply),
-                    refused={**refused, **{a: (code, _text(reply)) for a in accepted}},
-                )
-        except (SendFailed, _Retry):
-            raise
-        except Exception as exc:  # noqa: BLE001 - every other failure is the connection's
-            conn.healthy = False
-            raise failed(exc, phase) from None
-        return Delivery(
-            accepted=tuple(accepted),
-            refused=refused,
-            reply=f"{code} {_text(reply)}",
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
-        )
-
-    @staticmethod
-    def _reset(conn: _Conn, code: int, owed: int = 0) -> None:
-        """End a refused transaction so the connection can carry the next one; a 421 or a
-        failed RSET marks it for closing (the refusal still stands). The `owed` replies of a
-        pipelined batch are read first; if DATA was answered 354 anyway, the server waits for
-        content that will never come, so the connection is closed instead (without the final
-        dot no message is taken)."""
-        if code == 421:
-            conn.healthy = False
-            return
-        try:
-            for _ in range(owed):
-                if conn.smtp.getreply()[0] in (354, 421):
-                    conn.healthy = False
-                    return
-            conn.healthy = conn.smtp.rset()[0] == 250
-        except Exception:  # noqa: BLE001 - a broken connection is closed on release
-            conn.healthy = False
-
-
-def _pipeline(envelope: Envelope, options: list[str]) -> str:
-    """MAIL, one RCPT per recipient and DATA as one pipelined batch (addresses are checked:
-    no CR, LF or angle brackets can reach here)."""
-    extra = " " + " ".join(options) if options else ""
-    lines = [f"MAIL FROM:{smtplib.quoteaddr(envelope.mail_from)}{extra}"]
-    lines += [f"RCPT TO:{smtplib.quoteaddr(rcpt)}" for rcpt in envelope.recipients]
-    lines.append("DATA")
-    return "\r\n".join(lines) + "\r\n"
-
+            conn.session.close()

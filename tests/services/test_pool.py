@@ -536,7 +536,7 @@ def test_reset_after_fork_forgets_connections_without_touching_them(pools, serve
     pool.send("acct-a:f", endpoint(server), envelope())
     pool.send("acct-b:f", endpoint(server), envelope())
     # What a forked child inherits: the parent's sockets, and maybe a lock a thread held.
-    inherited = [c.smtp for slot in pool._slots.values() for c in slot.idle]
+    inherited = [c.session.smtp for slot in pool._slots.values() for c in slot.idle]
     pool._lock.acquire()
     pool.reset_after_fork()
     stats = pool.stats()
