@@ -1,12 +1,13 @@
 """The transporter cache: open, authenticated SMTP sessions kept per account and reused.
 
-One pool per worker process. A key names an account's server and everything that makes its
-connections differ (`{account}:{fingerprint}`), so changed settings never reuse an old
-connection. Each key holds at most `size` connections; a connection is retired after
-`max_messages` messages, `max_lifetime` seconds, `idle_seconds` without use, a 421 reply, or any
-error. A reused connection that turns out to be dead before the message content went out is
-replaced once by a fresh one; after the content went out nothing is resent (the server may have
-the message), and the failure says so (`uncertain`).
+One pool per worker process. Sessions are kept per (account, endpoint): the endpoint is
+everything that makes a connection differ (host, port, TLS mode, user, password), compared by
+value, so changed settings never reuse an old connection, and a new endpoint for an account
+retires the account's old sessions. Each account holds at most `size` connections; a connection
+is retired after `max_messages` messages, `max_lifetime` seconds, `idle_seconds` without use, a
+421 reply, or any error. A reused connection that turns out to be dead before the message
+content went out is replaced once by a fresh one; after the content went out nothing is resent
+(the server may have the message), and the failure says so (`uncertain`).
 
 The SMTP transaction itself (pipelining, RSET, dot-stuffing) is session.py's.
 """
@@ -33,8 +34,9 @@ Connect = Callable[[SmtpEndpoint], smtplib.SMTP]
 
 @dataclass
 class _Slot:
-    """The connections of one key."""
+    """The connections of one account, all to `endpoint`."""
 
+    endpoint: SmtpEndpoint
     idle: list[_Conn] = field(default_factory=list)
     open: int = 0  # idle + in use + being opened
     retired: bool = False
@@ -48,21 +50,21 @@ class _Conn:
     session: Session
     created: float
     last_used: float
-    # The slot that counts this connection. A key retired while the connection was in use may
-    # get a new slot; the connection must not come back into (or be uncounted from) that one.
+    # The slot that counts this connection. An account retired while the connection was in use
+    # may get a new slot; the connection must not come back into (or be uncounted from) that one.
     slot: _Slot | None = None
     sent: int = 0
     reused: bool = False
 
 
 class TransportPool:
-    """Per-key pools of SMTP sessions, safe to use from many threads.
+    """Per-account pools of SMTP sessions, safe to use from many threads.
 
     `connect(endpoint)` opens an authenticated smtplib.SMTP or raises TransportError (for
     example transport.connect with its timeout and host guard bound). Limits: `size` connections
-    per key (0: a new connection per message, closed after it), `max_messages` messages per
-    connection, `idle_seconds` unused and `max_lifetime` seconds old, `max_accounts` keys kept
-    (least recently used idle ones retired beyond), NOOP before reusing a connection idle for
+    per account (0: a new connection per message, closed after it), `max_messages` messages per
+    connection, `idle_seconds` unused and `max_lifetime` seconds old, `max_accounts` accounts
+    kept (least recently used idle ones retired beyond), NOOP before reusing a connection idle for
     `noop_after` seconds, `acquire_timeout` seconds to wait for a free connection. `pipelining`
     False never pipelines (RFC 2920), even when the server offers it. `clock` returns seconds
     (monotonic), for tests."""
@@ -95,6 +97,10 @@ class TransportPool:
 
     def _init_state(self) -> None:
         self._lock = threading.Lock()
+        # One slot per account, for the endpoint it was last sent through: the pool is keyed on
+        # (account, endpoint), and an account's new endpoint retires its old one, so an account
+        # never has two. Keyed on the account alone, forget() is one lookup and a send compares
+        # its endpoint with the slot's instead of hashing it.
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._counts = {"opened": 0, "reused": 0, "retired": 0, "retried": 0}
 
@@ -104,9 +110,8 @@ class TransportPool:
 
     # -- public ------------------------------------------------------------------------------
 
-    def send(self, key: str, endpoint: SmtpEndpoint, envelope: Envelope) -> Delivery:
-        """Deliver one envelope through a pooled session to `endpoint`, kept under `key`
-        (`{account}:{fingerprint}`).
+    def send(self, account_id: str, endpoint: SmtpEndpoint, envelope: Envelope) -> Delivery:
+        """Deliver one envelope through a pooled session to `endpoint`, kept for `account_id`.
 
         Returns the session's Delivery (`duration_ms` counts from this call, waiting for a
         connection included). Raises SendFailed: phase "connect" when no connection could be
@@ -121,19 +126,27 @@ class TransportPool:
             finally:
                 conn.session.close()
         try:
-            return self._send_once(key, endpoint, envelope, started, fresh=False)
+            return self._send_once(account_id, endpoint, envelope, started, fresh=False)
         except StaleConnection:
             self._bump("retried")
-            return self._send_once(key, endpoint, envelope, started, fresh=True)
+            return self._send_once(account_id, endpoint, envelope, started, fresh=True)
 
     def forget(self, account_id: str) -> None:
         """Close the account's idle connections (its settings changed or went away); those in
         use close when they come back. Never raises."""
-        self._retire(lambda key: key.startswith(f"{account_id}:"))
+        stale: list[_Conn] = []
+        with self._lock:
+            if account_id in self._slots:
+                self._retire_locked(account_id, stale)
+        self._close_all_quietly(stale)
 
     def close_all(self) -> None:
         """QUIT every idle connection; connections in use close when they come back."""
-        self._retire(lambda _key: True)
+        stale: list[_Conn] = []
+        with self._lock:
+            for account_id in list(self._slots):
+                self._retire_locked(account_id, stale)
+        self._close_all_quietly(stale)
 
     def reset_after_fork(self) -> None:
         """In a forked child: drop the parent's connections without touching them."""
@@ -141,7 +154,7 @@ class TransportPool:
 
     def stats(self) -> dict[str, int]:
         """Counters and sizes, for tests and the benchmark: opened, reused, retired, retried
-        (connections, since start), keys (held), open and idle (connections now)."""
+        (connections, since start), keys (accounts held), open and idle (connections now)."""
         with self._lock:
             return {
                 **self._counts,
@@ -151,9 +164,14 @@ class TransportPool:
             }
 
     def _send_once(
-        self, key: str, endpoint: SmtpEndpoint, envelope: Envelope, started: float, fresh: bool
+        self,
+        account_id: str,
+        endpoint: SmtpEndpoint,
+        envelope: Envelope,
+        started: float,
+        fresh: bool,
     ) -> Delivery:
-        conn = self._acquire(key, endpoint, fresh=fresh)
+        conn = self._acquire(account_id, endpoint, fresh=fresh)
         session = conn.session
         try:
             if conn.reused and self._clock() - conn.last_used >= self.noop_after:
@@ -186,15 +204,15 @@ class TransportPool:
             or conn.sent >= self.max_messages
         )
 
-    def _acquire(self, key: str, endpoint: SmtpEndpoint, fresh: bool = False) -> _Conn:
+    def _acquire(self, account_id: str, endpoint: SmtpEndpoint, fresh: bool = False) -> _Conn:
         stale: list[_Conn] = []  # closed (QUIT) after the lock is released
         deadline = time.monotonic() + self.acquire_timeout
         timed_out = False
         with self._lock:
-            slot = self._slot(key, stale)
+            slot = self._slot(account_id, endpoint, stale)
             while True:
                 if slot.retired:  # forgotten while we waited
-                    slot = self._slot(key, stale)
+                    slot = self._slot(account_id, endpoint, stale)
                 assert slot.cond is not None
                 now = self._clock()
                 while slot.idle and not fresh:
@@ -242,40 +260,33 @@ class TransportPool:
                 slot.cond.notify()
             raise
 
-    def _slot(self, key: str, stale: list[_Conn]) -> _Slot:
-        """The key's slot, made most recent; a new key retires the account's other keys and,
-        beyond max_accounts, the least recently used idle ones. Call with the lock held."""
-        slot = self._slots.get(key)
+    def _slot(self, account_id: str, endpoint: SmtpEndpoint, stale: list[_Conn]) -> _Slot:
+        """The account's slot for this endpoint, made most recent. A new endpoint retires the
+        account's old slot; a new account beyond max_accounts retires the least recently used
+        idle ones. Call with the lock held."""
+        slot = self._slots.get(account_id)
         if slot is not None:
-            self._slots.move_to_end(key)
-            return slot
-        account = key.split(":", 1)[0]
-        for other in [k for k in self._slots if k.split(":", 1)[0] == account]:
-            self._retire_locked(other, stale)
+            if slot.endpoint == endpoint:
+                self._slots.move_to_end(account_id)
+                return slot
+            self._retire_locked(account_id, stale)  # its settings changed
         while len(self._slots) >= self.max_accounts:
-            victim = next((k for k, s in self._slots.items() if s.open == len(s.idle)), None)
+            victim = next((a for a, s in self._slots.items() if s.open == len(s.idle)), None)
             if victim is None:
                 break
             self._retire_locked(victim, stale)
-        slot = _Slot(cond=threading.Condition(self._lock))
-        self._slots[key] = slot
+        slot = _Slot(endpoint, cond=threading.Condition(self._lock))
+        self._slots[account_id] = slot
         return slot
 
-    def _retire_locked(self, key: str, stale: list[_Conn]) -> None:
-        slot = self._slots.pop(key)
+    def _retire_locked(self, account_id: str, stale: list[_Conn]) -> None:
+        slot = self._slots.pop(account_id)
         slot.retired = True
         stale.extend(slot.idle)
         slot.open -= len(slot.idle)
         slot.idle.clear()
         assert slot.cond is not None
         slot.cond.notify_all()
-
-    def _retire(self, which: Callable[[str], bool]) -> None:
-        stale: list[_Conn] = []
-        with self._lock:
-            for key in [k for k in self._slots if which(k)]:
-                self._retire_locked(key, stale)
-        self._close_all_quietly(stale)
 
     def _release(self, conn: _Conn) -> None:
         """Back to its slot's idle list when healthy, young enough and the slot still in use
@@ -299,7 +310,7 @@ class TransportPool:
                     target=self._replace, args=(conn,), name="smtp-pool-replace", daemon=True
                 ).start()
                 return
-            slot.open -= 1  # a retired slot's waiters move to the key's new slot
+            slot.open -= 1  # a retired slot's waiters move to the account's new slot
             slot.cond.notify()
         conn.session.close()
 
@@ -320,7 +331,7 @@ class TransportPool:
                 return
             slot.open -= 1
             slot.cond.notify()
-        if new is not None:  # the key was retired meanwhile
+        if new is not None:  # the account was retired meanwhile
             self._close_all_quietly([new])
 
     def _close_all_quietly(self, conns: list[_Conn]) -> None:
