@@ -195,14 +195,21 @@ class Session:
         """MAIL FROM, with the RCPTs and DATA behind it when pipelined; returns the number of
         replies sent for and not read yet (`owed`)."""
         smtp = self.smtp
+        smtp.command_encoding = "utf-8" if envelope.smtputf8 else "ascii"
+        extra = " " + " ".join(options) if options else ""
         owed = 0
+        # Addresses are checked (no CR, LF or angle brackets), so they are written as they are:
+        # smtplib.quoteaddr would parse each one again. "" gives the null reverse-path "<>".
         if pipelined:
-            smtp.command_encoding = "utf-8" if envelope.smtputf8 else "ascii"
-            smtp.send(_pipeline(envelope, options))
+            lines = [f"MAIL FROM:<{envelope.mail_from}>{extra}"]
+            lines += [f"RCPT TO:<{rcpt}>" for rcpt in envelope.recipients]
+            lines.append("DATA\r\n")
+            smtp.send("\r\n".join(lines))
             code, reply = smtp.getreply()
             owed = len(envelope.recipients) + 1  # each RCPT's reply and DATA's
         else:
-            code, reply = smtp.mail(envelope.mail_from, options)
+            smtp.putcmd("mail", f"FROM:<{envelope.mail_from}>{extra}")
+            code, reply = smtp.getreply()
         if code == 421 and reused:
             raise smtplib.SMTPServerDisconnected("421 at MAIL")
         if code != 250:
@@ -223,7 +230,8 @@ class Session:
                 code, reply = smtp.getreply()
                 owed -= 1
             else:
-                code, reply = smtp.rcpt(rcpt)
+                smtp.putcmd("rcpt", f"TO:<{rcpt}>")
+                code, reply = smtp.getreply()
             if code in (250, 251):
                 accepted.append(rcpt)
             else:
@@ -274,16 +282,6 @@ class Session:
         if reused and not content_sent and error.kind == "closed":
             return StaleConnection(error.text)
         return SendFailed(phase, transport=error, uncertain=content_sent)
-
-
-def _pipeline(envelope: Envelope, options: list[str]) -> str:
-    """MAIL, one RCPT per recipient and DATA as one pipelined batch (RFC 2920; addresses are
-    checked: no CR, LF or angle brackets can reach here)."""
-    extra = " " + " ".join(options) if options else ""
-    lines = [f"MAIL FROM:{smtplib.quoteaddr(envelope.mail_from)}{extra}"]
-    lines += [f"RCPT TO:{smtplib.quoteaddr(rcpt)}" for rcpt in envelope.recipients]
-    lines.append("DATA")
-    return "\r\n".join(lines) + "\r\n"
 
 
 def _refused_message(
