@@ -12,7 +12,6 @@ Which connection carries a message, and when one is retired, is the pool's busin
 
 from __future__ import annotations
 
-import re
 import smtplib
 import time
 from dataclasses import dataclass
@@ -76,18 +75,17 @@ class StaleConnection(Exception):
     delivered, so the message may be sent again on a fresh connection."""
 
 
-_CRLF = re.compile(rb"\r\n|\r(?!\n)|\n")
-_DOT = re.compile(rb"(?m)^\.")
-
-
 def wire_data(data: bytes) -> bytes:
     """The message as DATA sends it (RFC 5321 4.5.2): every line end (CRLF, lone CR, lone LF)
-    made CRLF, a dot at the start of a line doubled, ended by CRLF.CRLF. bytes -> bytes, never
-    raises."""
-    q = _DOT.sub(b"..", _CRLF.sub(b"\r\n", data))
-    if not q.endswith(b"\r\n"):
-        q += b"\r\n"
-    return q + b".\r\n"
+    made CRLF, a dot at the start of a line doubled, ended by CRLF.CRLF.
+
+    bytes -> bytes, never raises. The same bytes as two regular-expression substitutions, from
+    plain bytes.replace passes: several times faster on a message of megabytes."""
+    q = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    q = q.replace(b"\r\n.", b"\r\n..")
+    head = b"." if q[:1] == b"." else b""
+    tail = b".\r\n" if q.endswith(b"\r\n") else b"\r\n.\r\n"
+    return b"".join((head, q, tail))
 
 
 def _text(reply: bytes | str) -> str:

@@ -5,9 +5,12 @@ the content on the wire (RFC 5321 4.5.2), the NOOP check and the retry signal.""
 from __future__ import annotations
 
 import itertools
+import re
 import time
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.session import (
@@ -16,6 +19,7 @@ from smtp_service.services.session import (
     SendFailed,
     Session,
     StaleConnection,
+    wire_data,
 )
 from smtp_service.services.transport import Secret, SmtpEndpoint, connect
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
@@ -302,3 +306,33 @@ def test_check_alive_timing_out_is_a_failure_not_a_retry(open_session, server):
         session.check_alive()
     assert failure.value.phase == "mail" and failure.value.transport.kind == "timeout"
     assert not session.healthy
+
+
+# -- wire_data: the same bytes as the regular expressions it replaced ---------------------------
+
+_CRLF = re.compile(rb"\r\n|\r(?!\n)|\n")
+_DOT = re.compile(rb"(?m)^\.")
+
+
+def _wire_data_by_regex(data: bytes) -> bytes:
+    """The former implementation, kept as the reference."""
+    q = _DOT.sub(b"..", _CRLF.sub(b"\r\n", data))
+    if not q.endswith(b"\r\n"):
+        q += b"\r\n"
+    return q + b".\r\n"
+
+
+# Pieces that make every case likely: lone CR, lone LF, CRLF, CR before CRLF, dots at the start.
+_PIECES = st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\r\n", b"\n\r", b".", b"..", b"a", b" "])
+
+
+@settings(max_examples=1000, database=None, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.lists(_PIECES, max_size=40).map(b"".join)))
+@example(b"")
+@example(b".")
+@example(b"\r")
+@example(b"\n.")
+@example(b"\r.\r\n.")
+@example(b"a\r\n")
+def test_wire_data_equals_the_regex_version(data):
+    assert wire_data(data) == _wire_data_by_regex(data)
