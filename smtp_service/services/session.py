@@ -142,7 +142,7 @@ class Session:
         try:
             owed = self._mail(envelope, options, pipelined, reused)
             phase = "rcpt"
-            accepted, refused, owed = self._recipients(envelope, pipelined, owed)
+            accepted, refused = self._recipients(envelope, pipelined, owed)
             phase = "data"
             self._data(pipelined, accepted, refused)
             content_sent = True
@@ -217,9 +217,9 @@ class Session:
 
     def _recipients(
         self, envelope: Envelope, pipelined: bool, owed: int
-    ) -> tuple[list[str], dict[str, tuple[int, str]], int]:
-        """RCPT TO for each recipient (or its pipelined reply): (accepted, refused, owed).
-        SendFailed("rcpt") when none was accepted."""
+    ) -> tuple[list[str], dict[str, tuple[int, str]]]:
+        """RCPT TO for each recipient (or its pipelined reply): (accepted, refused), refused
+        mapping address -> (code, reply). SendFailed("rcpt") when none was accepted."""
         smtp = self.smtp
         accepted: list[str] = []
         refused: dict[str, tuple[int, str]] = {}
@@ -242,7 +242,7 @@ class Session:
             closing = any(c == 421 for c, _ in refused.values())
             self._reset(421 if closing else 0, owed)
             raise SendFailed("rcpt", refused=refused)
-        return accepted, refused, owed
+        return accepted, refused
 
     def _data(
         self, pipelined: bool, accepted: list[str], refused: dict[str, tuple[int, str]]
