@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,8 +30,9 @@ from smtp_service.services.errors import (
     RecipientsSuppressed,
     SenderNotVerified,
 )
-from smtp_service.services.pool import Envelope, SendFailed, TransportPool
+from smtp_service.services.pool import TransportPool
 from smtp_service.services.senders import SenderService
+from smtp_service.services.session import Envelope, SendFailed
 from smtp_service.services.settings import SettingsService, StoredSettingsUnusable
 from smtp_service.services.transport import SmtpEndpoint
 from smtp_service.storage.idempotency import IdempotencyStore
@@ -53,17 +52,8 @@ class Route:
 
     name: str  # "custom" or "global"
     endpoint: SmtpEndpoint
-    pool_key: str
+    pool_account: str  # the pool keeps connections per (pool_account, endpoint)
     allowed_senders: frozenset[str]
-
-
-def fingerprint(endpoint: SmtpEndpoint) -> str:
-    """A digest of everything that makes a connection differ; a change means a new pool."""
-    secret = endpoint.password.reveal() if endpoint.password else ""
-    material = json.dumps(
-        [endpoint.host, endpoint.port, endpoint.secure, endpoint.user, secret, endpoint.require_tls]
-    )
-    return hashlib.sha256(material.encode()).hexdigest()[:24]
 
 
 class OpenTracker:
@@ -144,12 +134,12 @@ class Mailer:
         if own is not None:
             e = own.endpoint
             allowed = {e.user.lower()} if e.user and "@" in e.user else set()
-            return Route("custom", e, f"{account_id}:{fingerprint(e)}", frozenset(allowed))
+            return Route("custom", e, account_id, frozenset(allowed))
         g = self.settings.global_endpoint
         if g is None:
             raise NoServerConfigured()
         allowed = {self.global_from.lower()} if self.global_from else set()
-        return Route("global", g, f"{GLOBAL_KEY}:{fingerprint(g)}", frozenset(allowed))
+        return Route("global", g, GLOBAL_KEY, frozenset(allowed))
 
     # -- the request -----------------------------------------------------------------------
 
@@ -263,7 +253,7 @@ class Mailer:
             "tracking": tracking,
         }
         try:
-            delivery = self.pool.send(route.pool_key, route.endpoint, envelope)
+            delivery = self.pool.send(route.pool_account, route.endpoint, envelope)
         except SendFailed as exc:
             return self._failed(
                 account_id, route, exc, record, (time.perf_counter() - started) * 1000, key

@@ -71,7 +71,7 @@ class SettingsService:
         self.global_endpoint = global_endpoint
         self.timeout = timeout
         # Called with the account id after a save or delete (the sending pool drops its
-        # connections); other workers notice the change through the settings fingerprint.
+        # connections); other workers notice the change: their pool compares the endpoint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
         self._cache: FileCache[StoredSettings] = FileCache(_CACHE_SIZE)
 

@@ -18,7 +18,7 @@ from tests.smtpd_faults import FaultyServer
 
 TIMEOUT = 1.0  # the pool's SMTP timeout: connect and each read/write
 GUARD = HostGuard(("127.0.0.1/32", "localhost"))
-KEY = "acct-a:fp-1"
+KEY = "acct-a"  # the account the pool keeps connections for
 _serial = itertools.count(1)
 
 
@@ -238,42 +238,56 @@ def test_noop_checks_a_connection_idle_longer_than_noop_after(pools, server):
 
 def test_forget_closes_only_that_accounts_connections(pools, server):
     pool = pools()
-    for key in ("acct-a:f1", "acct-ab:f1", "acct-b:f1"):  # acct-ab shares acct-a's prefix
-        pool.send(key, endpoint(server), envelope())
+    for account in ("acct-a", "acct-ab", "acct-b"):  # acct-ab starts like acct-a
+        pool.send(account, endpoint(server), envelope())
     pool.forget("acct-a")
     assert server.wait_until(lambda: server.active == 2)
     assert server.verbs(1)[-1] == "QUIT"
     assert "QUIT" not in server.verbs(2) + server.verbs(3)
     assert pool.stats()["keys"] == 2
-    pool.send("acct-ab:f1", endpoint(server), envelope())
-    pool.send("acct-b:f1", endpoint(server), envelope())
+    pool.send("acct-ab", endpoint(server), envelope())
+    pool.send("acct-b", endpoint(server), envelope())
     assert server.connections == 3
-    pool.send("acct-a:f1", endpoint(server), envelope())
+    pool.send("acct-a", endpoint(server), envelope())
     assert server.connections == 4
 
 
-def test_a_new_fingerprint_retires_the_accounts_old_key(pools, servers):
+def test_a_new_endpoint_retires_the_accounts_old_key(pools, servers):
     old, new = servers(), servers()
     pool = pools()
-    pool.send("acct-a:old", endpoint(old), envelope())
-    pool.send("acct-a:new", endpoint(new), envelope())
+    pool.send("acct-a", endpoint(old), envelope())
+    pool.send("acct-a", endpoint(new), envelope())
     assert old.wait_until(lambda: old.active == 0)
     assert old.verbs(1)[-1] == "QUIT"
     assert pool.stats()["keys"] == 1
-    pool.send("acct-a:new", endpoint(new), envelope())
+    pool.send("acct-a", endpoint(new), envelope())
     assert new.connections == 1 and len(new.messages) == 2 and len(old.messages) == 1
+
+
+def test_a_changed_password_is_a_new_endpoint(pools, server):
+    """The whole endpoint counts, password included: a connection authenticated with the old
+    password is not reused, and is QUIT."""
+    pool = pools()
+    pool.send(KEY, endpoint(server), envelope())
+    server.users = {SMTP_USER: "another-Pa55word"}
+    changed = SmtpEndpoint("localhost", server.port, False, SMTP_USER, Secret("another-Pa55word"))
+    pool.send(KEY, changed, envelope())
+    assert server.wait_until(lambda: server.active == 1)
+    assert server.connections == 2 and server.verbs(1)[-1] == "QUIT"
+    assert server.auth_attempts == [(SMTP_USER, True), (SMTP_USER, True)]
+    assert pool.stats()["keys"] == 1 and len(server.messages) == 2
 
 
 def test_lru_eviction_beyond_max_accounts_quits_the_least_recently_used(pools, server):
     pool = pools(max_accounts=2)
-    pool.send("acct-a:f", endpoint(server), envelope())  # connection 1
-    pool.send("acct-b:f", endpoint(server), envelope())  # connection 2
-    pool.send("acct-a:f", endpoint(server), envelope())  # a is now the most recent
-    pool.send("acct-c:f", endpoint(server), envelope())  # connection 3 evicts b
+    pool.send("acct-a", endpoint(server), envelope())  # connection 1
+    pool.send("acct-b", endpoint(server), envelope())  # connection 2
+    pool.send("acct-a", endpoint(server), envelope())  # a is now the most recent
+    pool.send("acct-c", endpoint(server), envelope())  # connection 3 evicts b
     assert server.wait_until(lambda: server.active == 2)
     assert server.verbs(2)[-1] == "QUIT" and "QUIT" not in server.verbs(1)
     assert pool.stats()["keys"] == 2
-    pool.send("acct-a:f", endpoint(server), envelope())
+    pool.send("acct-a", endpoint(server), envelope())
     assert server.connections == 3
 
 
@@ -533,15 +547,15 @@ def test_drop_one_connection_in_two_under_load(pools, server):
 
 def test_reset_after_fork_forgets_connections_without_touching_them(pools, server):
     pool = pools()
-    pool.send("acct-a:f", endpoint(server), envelope())
-    pool.send("acct-b:f", endpoint(server), envelope())
+    pool.send("acct-a", endpoint(server), envelope())
+    pool.send("acct-b", endpoint(server), envelope())
     # What a forked child inherits: the parent's sockets, and maybe a lock a thread held.
-    inherited = [c.smtp for slot in pool._slots.values() for c in slot.idle]
+    inherited = [c.session.smtp for slot in pool._slots.values() for c in slot.idle]
     pool._lock.acquire()
     pool.reset_after_fork()
     stats = pool.stats()
     assert (stats["keys"], stats["open"], stats["idle"], stats["opened"]) == (0, 0, 0, 0)
-    pool.send("acct-a:f", endpoint(server), envelope())
+    pool.send("acct-a", endpoint(server), envelope())
     assert server.connections == 3 and server.count("QUIT") == 0  # the parent's still open
     for smtp in inherited:  # the parent's to close; here parent and child are one process
         smtp.close()
