@@ -39,6 +39,9 @@ class RecordingHandler:
     pipelining: bool = False  # offer PIPELINING (RFC 2920) in the EHLO reply
     # Per MAIL command: were RCPT and DATA already waiting behind it (sent in one batch)?
     batched: list[bool] = field(default_factory=list)
+    # RCPT replies by the recipient's local part (prefix match, "" matches every recipient),
+    # tried before the bad*/later* defaults: {"carol": "552 5.2.2 Mailbox full"}.
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
 
     async def handle_EHLO(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -66,8 +69,12 @@ class RecordingHandler:
     async def handle_RCPT(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        """Refuse on purpose: bad* -> 550 5.1.1 (hard), later* -> 451 4.7.1 (soft)."""
+        """Refuse on purpose: rcpt_replies first, then bad* -> 550 5.1.1 (hard), later* ->
+        451 4.7.1 (soft)."""
         local = address.split("@", 1)[0].lower()
+        for prefix, reply in self.rcpt_replies.items():
+            if local.startswith(prefix):
+                return reply
         if local.startswith("bad"):
             return "550 5.1.1 User unknown"
         if local.startswith("later"):

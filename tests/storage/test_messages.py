@@ -44,10 +44,10 @@ class FakeClock:
 class Stores:
     """The three stores on one database, under the names these tests use."""
 
-    def __init__(self, url: str, clock: Any = time.time) -> None:
+    def __init__(self, url: str, clock: Any = time.time, **suppression: Any) -> None:
         self.db = Database(url, clock=clock)
         self.messages = MessageLog(self.db)
-        self.list = SuppressionList(self.db)
+        self.list = SuppressionList(self.db, **suppression)
         self.keys = IdempotencyStore(self.db)
         self.record, self.get = self.messages.record, self.messages.get
         self.record_open = self.messages.record_open
@@ -774,3 +774,37 @@ def test_keys_no_database_can_hold_find_nothing(log: Stores) -> None:
     assert log.get("acct-a", "<m1@x>\x00") is None
     assert log.unsuppress("acct-a", "bad@example.net\x00") is False
     assert log.suppressed("acct-a", ["\x00", "ok@example.net"]) == []
+
+
+def test_suppressions_expire_after_their_days(database_url: str, clock: FakeClock) -> None:
+    log = Stores(database_url, clock=clock, days=30)
+    try:
+        log.suppress(
+            "acct-a", "bad@example.net", reason="r", code=550, enhanced_code=None, message_id=None
+        )
+        assert log.suppressions("acct-a")[0]["expiresAt"] == "2025-12-10T21:00:00.000Z"
+        clock.advance(30 * 86400)
+        assert log.suppressed("acct-a", ["bad@example.net"]) == ["bad@example.net"]
+        clock.advance(0.001)
+        assert log.suppressed("acct-a", ["bad@example.net"]) == []
+        assert log.suppressions("acct-a") == []
+        assert log.unsuppress("acct-a", "bad@example.net") is False
+    finally:
+        log.close()
+
+
+def test_soft_bounces_count_within_their_window(database_url: str, clock: FakeClock) -> None:
+    log = Stores(database_url, clock=clock, soft_limit=2, soft_days=7)
+    details = {"code": 552, "enhanced_code": "5.2.2", "message_id": "<m@x>", "reply": "full"}
+    try:
+        assert log.list.soft_bounce("acct-a", "Carol@example.net", **details) is False
+        clock.advance(7 * 86400 + 0.001)  # the first one has left the window
+        assert log.list.soft_bounce("acct-a", "carol@example.net", **details) is False
+        assert not log.list.soft_bounce("acct-b", "carol@example.net", **details)  # per account
+        assert log.suppressed("acct-a", ["carol@example.net"]) == []
+        assert log.list.soft_bounce("acct-a", "carol@example.net", **details) is True
+        assert log.suppressed("acct-a", ["carol@example.net"]) == ["carol@example.net"]
+        assert log.suppressions("acct-a")[0]["reason"] == "soft bounces"
+        assert log.suppressed("acct-b", ["carol@example.net"]) == []
+    finally:
+        log.close()
