@@ -69,6 +69,7 @@ def run(requests: int, port: int, ca_file: str, workdir: str) -> None:
     from smtp_service.api import messages as messages_view
     from smtp_service.services import mailer, pool
     from smtp_service.storage import messages as message_log
+    from smtp_service.storage import suppressions as suppression_list
 
     app = create_app(
         {
@@ -96,8 +97,8 @@ def run(requests: int, port: int, ca_file: str, workdir: str) -> None:
         (mailer.Mailer, "route", "settings + route"),
         (mailer, "build_message", "MIME build"),
         (pool.TransportPool, "send", "SMTP (smtplib, TLS)"),
-        (message_log.MessageLog, "record", "SQLite log + suppressions"),
-        (message_log.MessageLog, "suppressed", "SQLite log + suppressions"),
+        (message_log.MessageLog, "record", "database: log + suppressions"),
+        (suppression_list.SuppressionList, "suppressed", "database: log + suppressions"),
     ]:
         timed(owner, name, label)
     cpu, wall = time.process_time(), time.perf_counter()

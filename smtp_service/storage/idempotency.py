@@ -18,6 +18,12 @@ _MATCH = (keys.c.account_id == sa.bindparam("b_account_id")) & (
 # Rows kept from before migration 0002 hash a request form no longer computed: they match any.
 LEGACY_HASH = "legacy:"
 _SELECT = sa.select(keys.c.body_hash, keys.c.result, keys.c.created_at).where(_MATCH)
+_EXPIRE = keys.delete().where(
+    keys.c.account_id == sa.bindparam("b_account_id"), keys.c.created_at < sa.bindparam("before")
+)
+_TAKE_OVER = keys.update().where(_MATCH).values(created_at=sa.bindparam("now"))
+_COMPLETE = keys.update().where(_MATCH).values(result=sa.bindparam("b_result"))
+_RELEASE = keys.delete().where(_MATCH, keys.c.result.is_(None))
 
 
 class IdempotencyStore:
@@ -59,37 +65,29 @@ class IdempotencyStore:
         ids = {"b_account_id": account_id, "b_key": key}
         with self.db.write() as conn:
             conn.execute(
-                keys.delete().where(
-                    keys.c.account_id == account_id,
-                    keys.c.created_at < now - int(ttl_seconds * 1000),
-                )
+                _EXPIRE, {"b_account_id": account_id, "before": now - int(ttl_seconds * 1000)}
             )
             row = {"account_id": account_id, "key": key, "body_hash": body_hash}
             row.update(result=None, created_at=now)
-            if conn.execute(self._insert, row).first() is not None:
+            if conn.execute(self._insert, row).fetchone() is not None:
                 return "new", None
-            stored_hash, result, created_at = conn.execute(self._select_locked, ids).one()
+            stored_hash, result, created_at = conn.execute(self._select_locked, ids).fetchone()
             if stored_hash != body_hash and not stored_hash.startswith(LEGACY_HASH):
                 return "conflict", None
             if result is not None:
                 return "replay", json.loads(result)
             if created_at >= now - int(abandoned_seconds * 1000):
                 return "pending", None
-            conn.execute(keys.update().where(_MATCH).values(created_at=now), ids)
+            conn.execute(_TAKE_OVER, {**ids, "now": now})
             return "new", None
 
     def complete(self, account_id: str, key: str, result: dict[str, Any]) -> None:
         """Store the result of a claimed key, for replays."""
         with self.db.write() as conn:
-            conn.execute(
-                keys.update().where(_MATCH).values(result=json.dumps(result)),
-                {"b_account_id": account_id, "b_key": key},
-            )
+            params = {"b_account_id": account_id, "b_key": key, "b_result": json.dumps(result)}
+            conn.execute(_COMPLETE, params)
 
     def release(self, account_id: str, key: str) -> None:
         """Drop a pending claim so the request may be retried; completed ones stay."""
         with self.db.write() as conn:
-            conn.execute(
-                keys.delete().where(_MATCH, keys.c.result.is_(None)),
-                {"b_account_id": account_id, "b_key": key},
-            )
+            conn.execute(_RELEASE, {"b_account_id": account_id, "b_key": key})

@@ -119,7 +119,7 @@ class MessageLog:
             return None
         rows = self.db.query(
             _SELECT_MESSAGE, {"account_id": account_id, "message_id": message_id}
-        ).all()
+        )
         if not rows:
             return None
         row = rows[0]

@@ -18,6 +18,22 @@ _IN_CHUNK = 500  # bound parameters per statement, below SQLite's limit on every
 _DAY_MS = 86_400_000
 # Rows created before :since have expired (since = 0 when suppressions never expire).
 _ACTIVE = suppressions.c.created_at >= sa.bindparam("since")
+_LIST = (
+    sa.select(suppressions)
+    .where(suppressions.c.account_id == sa.bindparam("account_id"), _ACTIVE)
+    .order_by(suppressions.c.created_at.desc(), suppressions.c.email)
+)
+_DELETE = suppressions.delete().where(
+    suppressions.c.account_id == sa.bindparam("account_id"),
+    suppressions.c.email == sa.bindparam("email"),
+    _ACTIVE,
+)
+_BOUNCES = (soft_bounces.c.account_id == sa.bindparam("account_id")) & (
+    soft_bounces.c.email == sa.bindparam("email")
+)
+_FORGET_BOUNCES = soft_bounces.delete().where(_BOUNCES, soft_bounces.c.at < sa.bindparam("since"))
+_COUNT_BOUNCES = sa.select(sa.func.count()).select_from(soft_bounces).where(_BOUNCES)
+_ADD_BOUNCE = soft_bounces.insert()
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,26 +121,18 @@ class SuppressionList:
         if not self.soft_limit or not storable(email):
             return False
         now = self.db.now_ms()
-        address = email.lower()
-        mine = (soft_bounces.c.account_id == account_id) & (soft_bounces.c.email == address)
+        mine = {"account_id": account_id, "email": email.lower()}
         with self.db.write() as conn:
-            conn.execute(
-                soft_bounces.delete().where(
-                    mine, soft_bounces.c.at < now - int(self.soft_days * _DAY_MS)
-                )
-            )
-            conn.execute(
-                soft_bounces.insert(), {"account_id": account_id, "email": address, "at": now}
-            )
-            count = conn.execute(sa.select(sa.func.count()).where(mine)).scalar_one()
-            if count < self.soft_limit:
+            since = now - int(self.soft_days * _DAY_MS)
+            conn.execute(_FORGET_BOUNCES, {**mine, "since": since})
+            conn.execute(_ADD_BOUNCE, {**mine, "at": now})
+            if conn.execute(_COUNT_BOUNCES, mine).fetchone()[0] < self.soft_limit:
                 return False
-            conn.execute(soft_bounces.delete().where(mine))
+            conn.execute(_FORGET_BOUNCES, {**mine, "since": now + 1})
             conn.execute(
                 self._upsert,
                 {
-                    "account_id": account_id,
-                    "email": address,
+                    **mine,
                     "reason": "soft bounces",
                     "code": code,
                     "enhanced_code": enhanced_code,
@@ -137,12 +145,7 @@ class SuppressionList:
 
     def list(self, account_id: str) -> list[dict[str, Any]]:
         """The account's suppressed addresses, newest first (the API's suppression shape)."""
-        query = (
-            sa.select(suppressions)
-            .where(suppressions.c.account_id == account_id, _ACTIVE)
-            .order_by(suppressions.c.created_at.desc(), suppressions.c.email)
-        )
-        rows = self.db.query(query, {"since": self._since()}).all()
+        rows = self.db.query(_LIST, {"account_id": account_id, "since": self._since()})
         ttl = int(self.days * _DAY_MS)
         return [
             {
@@ -168,17 +171,13 @@ class SuppressionList:
             params = {f"e{i}": email for i, email in enumerate(chunk)}
             params["account_id"] = account_id
             params["since"] = since
-            found.update(self.db.query(_select_some(len(chunk)), params).scalars())
+            found.update(r.email for r in self.db.query(_select_some(len(chunk)), params))
         return [e for e in emails if e.lower() in found]
 
     def unsuppress(self, account_id: str, email: str) -> bool:
         """Allow the address again; True when it was suppressed."""
         if not storable(email):
             return False
-        delete = suppressions.delete().where(
-            suppressions.c.account_id == account_id,
-            suppressions.c.email == email.lower(),
-            suppressions.c.created_at >= self._since(),
-        )
+        params = {"account_id": account_id, "email": email.lower(), "since": self._since()}
         with self.db.write() as conn:
-            return bool(conn.execute(delete).rowcount)
+            return bool(conn.execute(_DELETE, params).rowcount)
