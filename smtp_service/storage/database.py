@@ -209,8 +209,8 @@ class Database:
         (measured with bench/send_cpu.py), twice per send.
         """
         params = params or {}
-        sql, names, compiled = self._compiled(statement, params)
-        values = compiled.construct_params(params, _check=False)
+        sql, names, defaults = self._compiled(statement, params)
+        values = {**defaults, **params}
         cursor = raw.cursor()
         cursor.execute(sql, [values[n] for n in names] if names is not None else values)
         return cursor
@@ -224,8 +224,10 @@ class Database:
                 dialect=self.engine.dialect,
                 column_keys=list(columns) if columns is not None else None,
             )
-            positions = compiled.positiontup
-            found = (statement, compiled.string, positions, compiled)
+            # Every bind parameter's value when the caller gives none: the literals the
+            # statement holds (.values(type="open")), None for the rest.
+            defaults = compiled.construct_params({}, _check=False)
+            found = (statement, compiled.string, compiled.positiontup, defaults)
             self._statements[key] = found  # the statement is kept, so its id is not reused
         return found[1:]
 
