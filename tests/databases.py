@@ -15,10 +15,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from smtp_service.storage.tables import metadata
+
 PG_ENV = "TEST_DATABASE_URL"
 PG_SKIP = f"{PG_ENV} is not set: the PostgreSQL cases are skipped (.ci/run sets it)"
 ENGINES = ["sqlite", "postgresql"]
-TABLES = ("events", "messages", "suppressions", "idempotency")
 
 
 def pg_url() -> str | None:
@@ -63,7 +64,8 @@ def empty_tables(url: str) -> None:
     try:
         with engine.begin() as conn:
             if sa.inspect(conn).has_table("messages"):
-                conn.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)}")
+                names = ", ".join(t.name for t in metadata.sorted_tables)
+                conn.exec_driver_sql(f"TRUNCATE {names}")
     finally:
         engine.dispose()
 
