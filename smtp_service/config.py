@@ -150,6 +150,9 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "JWT_ACCOUNT_CLAIM": account_claim,
         "JWT_DECODE_ISSUER": env.get("JWT_ISSUER", "").strip() or None,
         "JWT_DECODE_AUDIENCE": env.get("JWT_AUDIENCE", "").strip() or None,
+        # Clock skew allowed on exp, nbf and iat (RFC 7519 4.1.4/4.1.5: "a few minutes" at most);
+        # flask-jwt-extended hands it to PyJWT and the token cache expires entries with it.
+        "JWT_DECODE_LEEWAY": _int(env, "JWT_DECODE_LEEWAY", 5, 0, 300),
         "JWT_TOKEN_LOCATION": ["headers"],
         "JWT_CACHE_SIZE": _int(env, "JWT_CACHE_SIZE", 4096, 0, 1_000_000),
         "SMTP_HOST": smtp_host,
