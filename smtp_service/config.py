@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from smtp_service.services.hostnames import InvalidHost, normalise_host
 from smtp_service.signing_keys import (
     PUBLIC_KEY_ALGORITHMS,
     RemoteKeys,
@@ -73,8 +74,17 @@ def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ConfigError(f"SMTP_HOST_ALLOWLIST has an invalid CIDR {item!r}") from None
-        entries.append(item.lower())
+            entries.append(item.lower())
+        else:  # in the form hosts are compared in: "Bücher.example." is xn--bcher-kva.example
+            entries.append(_host(item, "SMTP_HOST_ALLOWLIST entry"))
     return tuple(entries)
+
+
+def _host(value: str, name: str) -> str:
+    try:
+        return normalise_host(value)
+    except InvalidHost as exc:
+        raise ConfigError(f"{name} {value!r} is not a host: {exc}") from None
 
 
 def _is_inline_key(raw: str) -> bool:
@@ -184,6 +194,8 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 
     account_claim = env.get("JWT_ACCOUNT_CLAIM", "accountId").strip() or "accountId"
     smtp_host = env.get("SMTP_HOST", "").strip() or None
+    if smtp_host is not None:
+        smtp_host = _host(smtp_host, "SMTP_HOST")
     smtp_port = _int(env, "SMTP_PORT", 587, 1, 65535)
     smtp_secure = _bool(env, "SMTP_SECURE", smtp_port == 465)
     max_request = _int(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024, 1024**3)

@@ -11,7 +11,7 @@ from typing import Any
 
 from marshmallow import Schema, fields, post_load, validate
 
-from smtp_service.schemas.fields import NonEmptyString, check_host
+from smtp_service.schemas.fields import HostName, NonEmptyString
 
 IMPLICIT_TLS_PORT = 465
 
@@ -61,7 +61,7 @@ class StoredSmtpSettings(Schema):
     service and this one both apply on save; Nodemailer also chose TLS for 465 without secure).
     """
 
-    host = NonEmptyString(required=True, validate=check_host)
+    host = HostName(required=True)  # normalised, as from the API; the text stays in the file
     port = LegacyPort(required=True, validate=validate.Range(min=1, max=65535))
     secure = LegacyBoolean(load_default=None)
     user = NonEmptyString(required=True)

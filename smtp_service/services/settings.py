@@ -43,6 +43,9 @@ class StoredSettings:
     endpoint: SmtpEndpoint
     updated_at: str | None
     updated_by: str | None
+    # The host as the file spells it, when that is not endpoint.host's normalised form (a file
+    # written by hand or by the old service: "SMTP.Example.com."); the view shows it as stored.
+    host_as_stored: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class ActiveSettings:
 
     endpoint: SmtpEndpoint | None
     is_global: bool
+    host_as_stored: str | None = None  # see StoredSettings
 
 
 class SettingsService:
@@ -103,7 +107,8 @@ class SettingsService:
         except SecretError as exc:
             raise StoredSettingsUnusable(str(exc)) from None
         endpoint = _endpoint({**data, "password": password})
-        return StoredSettings(endpoint, data["updatedAt"], data["updatedBy"])
+        as_stored = raw["host"] if raw["host"] != endpoint.host else None
+        return StoredSettings(endpoint, data["updatedAt"], data["updatedBy"], as_stored)
 
     def active(self, account_id: str) -> ActiveSettings:
         """The account's own settings when usable, else the global server's (is_global)."""
@@ -115,7 +120,7 @@ class SettingsService:
             )
             own = None
         if own is not None:
-            return ActiveSettings(own.endpoint, is_global=False)
+            return ActiveSettings(own.endpoint, is_global=False, host_as_stored=own.host_as_stored)
         return ActiveSettings(self.global_endpoint, is_global=True)
 
     # -- writing -----------------------------------------------------------------------------
