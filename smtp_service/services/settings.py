@@ -14,6 +14,7 @@ from smtp_service.caches import FileCache
 from smtp_service.schemas.stored import StoredSmtpSettings
 from smtp_service.services.crypto import SecretBox, SecretError, is_encrypted
 from smtp_service.services.errors import InvalidInput
+from smtp_service.services.hostnames import InvalidHost, normalise_host
 from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused
 from smtp_service.services.transport import (
     Secret,
@@ -133,9 +134,16 @@ class SettingsService:
         `settings` is an SmtpEndpoint (what SmtpSettingsInput loads), or a mapping with its
         fields (host, port, secure, user, password, requireTls) for callers written before.
         Returns what was stored (updated now, by user_id). InvalidInput on "host" when the
-        host is one accounts may not use (SSRF guard).
+        host is not one (a mapping's host is normalised here, as the schema does for an
+        SmtpEndpoint) or is one accounts may not use (SSRF guard).
         """
-        endpoint = settings if isinstance(settings, SmtpEndpoint) else _endpoint(settings)
+        if isinstance(settings, SmtpEndpoint):
+            endpoint = settings
+        else:
+            try:
+                endpoint = _endpoint({**settings, "host": normalise_host(settings["host"])})
+            except InvalidHost as exc:
+                raise InvalidInput.field("host", str(exc)) from None
         try:
             self.guard.check(endpoint.host, endpoint.port)
         except HostRefused:
