@@ -297,6 +297,10 @@ class RemoteKeys:
             members = jwk_set_members(self._client.fetch_data())
         except PyJWTError as exc:
             raise SigningKeyError(_one_line(exc)) from None
+        except ValueError:  # PyJWKClient lets json.load's error through: an answer not JSON
+            raise SigningKeyError("the answer is not JSON") from None
+        except OSError as exc:  # a connection broken while the answer was read
+            raise SigningKeyError(_one_line(exc) or type(exc).__name__) from None
         if members is None:
             raise SigningKeyError('the answer is not a JWK Set (a JSON object with "keys")')
         return members

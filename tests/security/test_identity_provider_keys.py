@@ -389,7 +389,8 @@ class JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server.fetches += 1
-                body = json.dumps(server.document).encode()
+                document = server.document
+                body = document if isinstance(document, bytes) else json.dumps(document).encode()
                 self.send_response(server.status if self.path == "/jwks.json" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -460,11 +461,15 @@ def test_the_fetched_keys_stay_in_use_while_the_provider_is_down(make_app, keys,
     )
     idp.status = 503
     time.sleep(1.1)  # the set is stale: the next token makes the service fetch it again
-    with caplog.at_level(logging.WARNING, logger="smtp_service.signing_keys"):
-        assert status(app, mint(keys["rsa"], "RS256", kid="key-1")) == 200
+    caplog.set_level(logging.WARNING, logger="smtp_service.signing_keys")
+    assert status(app, mint(keys["rsa"], "RS256", kid="key-1")) == 200
     assert idp.fetches == 2
     assert "the 1 fetched before stay in use" in caplog.text
     assert status(app, mint(keys["rsa-2"], "RS256", kid="key-2")) == 401  # no 500 either
+    idp.status, idp.document = 200, b"<html>maintenance</html>"  # up, but not a JWK Set
+    assert status(app, mint(keys["rsa-2"], "RS256", kid="key-3")) == 401
+    assert status(app, mint(keys["rsa"], "RS256", kid="key-1")) == 200
+    assert "the answer is not JSON" in caplog.text
 
 
 def test_a_jwks_url_over_https_is_verified_against_the_trust_store(make_app, keys, ca):
@@ -497,6 +502,7 @@ def test_a_jwks_url_over_https_is_verified_against_the_trust_store(make_app, key
         ((404, {"keys": []}), "JWT_JWKS_URL cannot be fetched: "),
         ((200, ["not", "a", "set"]), "JWT_JWKS_URL cannot be fetched: "),
         ((200, {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}), "JWT_JWKS_URL holds no key"),
+        ((200, b"<html>Sign in</html>"), "JWT_JWKS_URL cannot be fetched: the answer is not JSON"),
     ],
 )
 def test_a_jwks_url_without_usable_keys_stops_start_up(app_config, idp, answer, expected):
