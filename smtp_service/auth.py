@@ -32,7 +32,18 @@ def _unauthorized(reason: str):
 
 
 def init_auth() -> None:
-    """Install flask-jwt-extended callbacks: exp required, a valid account claim, 401 for all."""
+    """Install flask-jwt-extended callbacks: the key by kid, exp required, a valid account
+    claim, 401 for all."""
+
+    @jwt.decode_key_loader
+    def _key(header: dict[str, Any], _payload: dict[str, Any]) -> Any:
+        # Called with the UNVERIFIED header: kid only chooses among keys configured here (the
+        # algorithm stays JWT_DECODE_ALGORITHMS, a key in the token is never used). An unknown
+        # kid raises UnknownSigningKey, an InvalidTokenError: answered 401 like any bad token.
+        keys = current_app.config["JWT_VERIFICATION_KEYS"]
+        if keys is None:
+            return current_app.config["JWT_SECRET_KEY"]
+        return keys.key_for(header)
 
     @jwt.token_verification_loader
     def _verify(_header: dict[str, Any], payload: dict[str, Any]) -> bool:

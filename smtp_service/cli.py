@@ -10,7 +10,6 @@ from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
 
 from smtp_service.services.crypto import new_key
-from smtp_service.services.settings import StoredSettingsUnusable
 
 
 @click.group()
@@ -57,22 +56,16 @@ def generate_key() -> None:
 
 def _reencrypt(only_plaintext: bool) -> None:
     settings = current_app.extensions["smtp_service"].settings
-    counts = settings.reencrypt_all(only_plaintext=only_plaintext)
-    click.echo(_summary(counts))
-    if counts["failed"]:
-        # Name the accounts to look at (the reasons hold no secret); the others were processed.
-        for account_id in settings.files.accounts():
-            try:
-                settings.load(account_id)
-            except StoredSettingsUnusable as exc:
-                click.echo(f"account {account_id}: {exc}", err=True)
-        raise SystemExit(1)
-
-
-def _summary(counts: dict[str, int]) -> str:
-    return (
-        f"updated {counts['updated']}, unchanged {counts['unchanged']}, failed {counts['failed']}"
+    report = settings.reencrypt_all(only_plaintext=only_plaintext)
+    click.echo(
+        f"updated {report.updated}, unchanged {report.unchanged}, failed {len(report.failed)}"
     )
+    if report.failed:
+        # Name every file left as it was, with why (the reasons hold no secret); the others
+        # were processed.
+        for account_id, reason in sorted(report.failed.items()):
+            click.echo(f"account {account_id}: {reason}", err=True)
+        raise SystemExit(1)
 
 
 @smtp.group("db")

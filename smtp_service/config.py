@@ -7,9 +7,17 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from smtp_service.services.hostnames import InvalidHost, normalise_host
+from smtp_service.signing_keys import (
+    PUBLIC_KEY_ALGORITHMS,
+    RemoteKeys,
+    SigningKeyError,
+    VerificationKeys,
+    parse_key_text,
+)
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-_ALGORITHMS_WITH_PUBLIC_KEY = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"}
 
 
 class ConfigError(Exception):
@@ -73,22 +81,76 @@ def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ConfigError(f"SMTP_HOST_ALLOWLIST has an invalid CIDR {item!r}") from None
-        entries.append(item.lower())
+            entries.append(item.lower())
+        else:  # in the form hosts are compared in: "Bücher.example." is xn--bcher-kva.example
+            entries.append(_host(item, "SMTP_HOST_ALLOWLIST entry"))
     return tuple(entries)
 
 
-def _public_key(env: Mapping[str, str]) -> str | None:
-    """JWT_PUBLIC_KEY may hold the PEM itself (with \\n escapes) or a path to a PEM file."""
-    raw = env.get("JWT_PUBLIC_KEY", "").strip()
-    if not raw:
-        return None
-    if "BEGIN" in raw:
-        return raw.replace("\\n", "\n")
+def _host(value: str, name: str) -> str:
+    try:
+        return normalise_host(value)
+    except InvalidHost as exc:
+        raise ConfigError(f"{name} {value!r} is not a host: {exc}") from None
+
+
+def _is_inline_key(raw: str) -> bool:
+    return raw.startswith("{") or "-----BEGIN" in raw
+
+
+def _public_key_text(raw: str) -> str:
+    """The key text JWT_PUBLIC_KEY gives: inline (a JWK Set or JWK, or PEM with \\n escapes), or
+    the content of the file it names. Inline values are recognised by their first characters,
+    so that a long inline value is never opened as a file name."""
+    if _is_inline_key(raw):
+        return raw.replace("\\n", "\n") if "-----BEGIN" in raw else raw
     try:
         with open(raw, encoding="utf-8") as handle:
             return handle.read()
-    except OSError as exc:
-        raise ConfigError(f"JWT_PUBLIC_KEY file {raw!r} cannot be read: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        if len(raw) <= 255 and not any(c.isspace() for c in raw):  # looks like a path: name it
+            raise ConfigError(f"JWT_PUBLIC_KEY file {raw!r} cannot be read: {reason}") from None
+        raise ConfigError(  # never echoed: it may be key material pasted without its PEM lines
+            "JWT_PUBLIC_KEY is not a PEM key, a certificate, a JWK Set or a readable file"
+        ) from None
+
+
+def _token_keys(
+    env: Mapping[str, str], algorithm: str
+) -> tuple[str, VerificationKeys | None, str | None]:
+    """The algorithm, and for RS*/ES* the keys that verify tokens (None: the HS256 secret) and
+    JWT_PUBLIC_KEY's key text (None for JWT_JWKS_URL).
+
+    JWT_PUBLIC_KEY (a PEM public key, an X.509 certificate or a JWK Set, inline or in a file)
+    or JWT_JWKS_URL (fetched now, so that a URL that gives no usable key stops start-up); an
+    unset JWT_ALGORITHM takes the first key's. Raises ConfigError naming the variable.
+    """
+    raw = env.get("JWT_PUBLIC_KEY", "").strip()
+    url = env.get("JWT_JWKS_URL", "").strip()
+    if raw and url:
+        raise ConfigError("set JWT_PUBLIC_KEY or JWT_JWKS_URL, not both")
+    if not raw and not url:
+        return algorithm or "HS256", None, None
+    name = "JWT_PUBLIC_KEY" if raw else "JWT_JWKS_URL"
+    if algorithm and algorithm not in PUBLIC_KEY_ALGORITHMS:
+        raise ConfigError(f"JWT_ALGORITHM {algorithm} cannot be used with {name}")
+    text = _public_key_text(raw) if raw else None
+    if raw and not _is_inline_key(raw):
+        name = f"JWT_PUBLIC_KEY file {raw!r}"  # say which file holds what cannot be used
+    try:
+        if text is not None:
+            keys: VerificationKeys = parse_key_text(text, algorithm or None)
+        else:
+            keys = RemoteKeys(
+                url,
+                algorithm or None,
+                cache_seconds=_int(env, "JWT_JWKS_CACHE_SECONDS", 300, 1, 86400),
+                refresh_seconds=_int(env, "JWT_JWKS_REFRESH_SECONDS", 30, 0, 3600),
+            )
+    except SigningKeyError as exc:
+        raise ConfigError(f"{name} {exc}") from None
+    return keys.algorithm, keys, text
 
 
 def _log_level(env: Mapping[str, str]) -> str:
@@ -123,17 +185,15 @@ def _database_url(env: Mapping[str, str], data_dir: str) -> str:
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
     env = os.environ if env is None else env
-    algorithm = env.get("JWT_ALGORITHM", "").strip().upper()
-    public_key = _public_key(env)
+    algorithm, token_keys, key_text = _token_keys(
+        env, env.get("JWT_ALGORITHM", "").strip().upper()
+    )
     secret = env.get("JWT_SECRET_KEY", "")
-    if public_key:
-        algorithm = algorithm or "RS256"
-        if algorithm not in _ALGORITHMS_WITH_PUBLIC_KEY:
-            raise ConfigError(f"JWT_ALGORITHM {algorithm} cannot be used with JWT_PUBLIC_KEY")
-    else:
-        algorithm = algorithm or "HS256"
+    if token_keys is None:
         if algorithm != "HS256":
-            raise ConfigError(f"JWT_ALGORITHM {algorithm} needs JWT_PUBLIC_KEY (or use HS256)")
+            raise ConfigError(
+                f"JWT_ALGORITHM {algorithm} needs JWT_PUBLIC_KEY or JWT_JWKS_URL (or use HS256)"
+            )
         if not secret:
             raise ConfigError("JWT_SECRET_KEY is not set (or set JWT_PUBLIC_KEY for RS256/ES256)")
         if len(secret) < 32:
@@ -141,6 +201,8 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 
     account_claim = env.get("JWT_ACCOUNT_CLAIM", "accountId").strip() or "accountId"
     smtp_host = env.get("SMTP_HOST", "").strip() or None
+    if smtp_host is not None:
+        smtp_host = _host(smtp_host, "SMTP_HOST")
     smtp_port = _int(env, "SMTP_PORT", 587, 1, 65535)
     smtp_secure = _bool(env, "SMTP_SECURE", smtp_port == 465)
     max_request = _int(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, 1024, 1024**3)
@@ -151,12 +213,19 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "DATABASE_URL": _database_url(env, data_dir),
         "DATABASE_POOL_SIZE": _int(env, "DATABASE_POOL_SIZE", 10, 1, 1000),
         "JWT_SECRET_KEY": secret or None,
-        "JWT_PUBLIC_KEY": public_key,
+        # The key text as given (flask-jwt-extended's own setting; tokens are verified with
+        # JWT_VERIFICATION_KEYS, which chooses by kid), the JWK Set URL, and the keys.
+        "JWT_PUBLIC_KEY": key_text,
+        "JWT_JWKS_URL": token_keys.url if isinstance(token_keys, RemoteKeys) else None,
+        "JWT_VERIFICATION_KEYS": token_keys,
         "JWT_ALGORITHM": algorithm,
         "JWT_DECODE_ALGORITHMS": [algorithm],
         "JWT_ACCOUNT_CLAIM": account_claim,
         "JWT_DECODE_ISSUER": env.get("JWT_ISSUER", "").strip() or None,
         "JWT_DECODE_AUDIENCE": env.get("JWT_AUDIENCE", "").strip() or None,
+        # Clock skew allowed on exp, nbf and iat (RFC 7519 4.1.4/4.1.5: "a few minutes" at most);
+        # flask-jwt-extended hands it to PyJWT and the token cache expires entries with it.
+        "JWT_DECODE_LEEWAY": _int(env, "JWT_DECODE_LEEWAY", 5, 0, 300),
         "JWT_TOKEN_LOCATION": ["headers"],
         "JWT_CACHE_SIZE": _int(env, "JWT_CACHE_SIZE", 4096, 0, 1_000_000),
         "SMTP_HOST": smtp_host,

@@ -24,6 +24,10 @@ class VerifiedTokens:
     misses), and `exp` is checked again on every hit: time only moves forward, so `exp` is the
     only claim that can turn a verified token invalid. An expired entry is dropped and the token
     verified again from scratch, which raises the usual "expired" error.
+
+    `leeway` (seconds, JWT_DECODE_LEEWAY) is the one PyJWT verifies with, and an entry expires
+    exactly when PyJWT would call the token expired: `int(exp) <= now - leeway` (RFC 7519
+    4.1.4), so the cache never serves a token past exp + leeway.
     """
 
     def __init__(
@@ -42,7 +46,8 @@ class VerifiedTokens:
         claims = self._items.get(token)
         if claims is None:
             return None
-        if claims["exp"] <= self._clock() - self.leeway:
+        # int() as PyJWT does: a fractional exp must not buy the cached token extra time.
+        if int(claims["exp"]) <= self._clock() - self.leeway:
             self._items.discard(token)
             return None
         return dict(claims)

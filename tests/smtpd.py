@@ -111,8 +111,10 @@ class SmtpServer:
         port: int = 0,
         smtputf8: bool = True,
         pipelining: bool = False,
+        hostname: str = "127.0.0.1",
     ) -> None:
         self.mode = mode
+        self.hostname = hostname  # the loopback address it listens on (::1 for IPv6)
         self.users = users or {}
         self.handler = handler or RecordingHandler()
         self.handler.pipelining = pipelining
@@ -132,8 +134,8 @@ class SmtpServer:
             kwargs.update(ssl_context=server_context)
         self.controller = Controller(
             self.handler,
-            hostname="127.0.0.1",
-            port=port or _free_port(),
+            hostname=hostname,
+            port=port or _free_port(hostname),
             server_hostname="localhost",
             **kwargs,
         )
@@ -150,7 +152,7 @@ class SmtpServer:
 
     @property
     def host(self) -> str:
-        return "127.0.0.1"
+        return self.hostname
 
     @property
     def port(self) -> int:
@@ -168,9 +170,10 @@ class SmtpServer:
         self.controller.stop()
 
 
-def _free_port() -> int:
+def _free_port(hostname: str = "127.0.0.1") -> int:
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    family = socket.AF_INET6 if ":" in hostname else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((hostname, 0))
         return sock.getsockname()[1]

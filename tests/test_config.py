@@ -23,6 +23,12 @@ def test_defaults():
     assert config["SMTP_POOL_SIZE"] == 3 and config["MAX_RECIPIENTS"] == 50
     assert config["PUBLIC_BASE_URL"] == "http://127.0.0.1:8000"
     assert config["LOG_LEVEL"] == "INFO"
+    assert config["JWT_DECODE_LEEWAY"] == 5
+    hosts = load_config(
+        {**OK, "SMTP_HOST": "Mail.Example.COM.", "SMTP_HOST_ALLOWLIST": "Bücher.test,10.0.0.0/8"}
+    )
+    assert hosts["SMTP_HOST"] == "mail.example.com"
+    assert hosts["SMTP_HOST_ALLOWLIST"] == ("xn--bcher-kva.test", "10.0.0.0/8")
     assert config["DATA_DIR"] == os.path.abspath("data")
     assert load_config({**OK, "SMTP_PORT": "465"})["SMTP_SECURE"] is True
 
@@ -47,6 +53,11 @@ def test_defaults():
         ({**OK, "SMTP_POOL_IDLE_SECONDS": "-5"}, "SMTP_POOL_IDLE_SECONDS"),
         ({**OK, "PUBLIC_BASE_URL": "mail.example.com"}, "PUBLIC_BASE_URL"),
         ({**OK, "LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({**OK, "SMTP_HOST": "smtp.example.com:587"}, "SMTP_HOST"),
+        ({**OK, "SMTP_HOST_ALLOWLIST": "relay.internal,smtp..internal"}, "SMTP_HOST_ALLOWLIST"),
+        ({**OK, "JWT_DECODE_LEEWAY": "a bit"}, "JWT_DECODE_LEEWAY"),
+        ({**OK, "JWT_DECODE_LEEWAY": "-1"}, "JWT_DECODE_LEEWAY"),
+        ({**OK, "JWT_DECODE_LEEWAY": "3600"}, "JWT_DECODE_LEEWAY"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_variable(env, named):

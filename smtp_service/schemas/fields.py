@@ -7,7 +7,12 @@ from typing import Any
 
 from marshmallow import ValidationError, fields
 
-HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)$")
+from smtp_service.services.hostnames import InvalidHost, normalise_host
+
+# What the OpenAPI document says a host looks like: one word without the characters of a URL.
+# A superset of what normalise_host accepts (an IDN, a trailing dot, IPv6 in brackets or not),
+# so that nothing the document calls invalid is taken; the field checks the rest.
+HOST_PATTERN = re.compile(r"^\s*[^\s/@?#]+\s*$")
 
 
 class StrictInteger(fields.Integer):
@@ -42,7 +47,15 @@ class NonEmptyString(fields.String):
         return text
 
 
-def check_host(value: str) -> None:
-    """A host name or an IP address (IPv6 in brackets), at most 253 characters."""
-    if len(value) > 253 or not HOST_PATTERN.fullmatch(value):
-        raise ValidationError("Must be a host name or IP address.")
+class HostName(NonEmptyString):
+    """A host name or IP address, loaded as its one normalised form (services/hostnames.py):
+    "SMTP.Example.com." -> "smtp.example.com", "[::1]" -> "::1", "bücher.example" ->
+    "xn--bcher-kva.example". What is not a host ("smtp.example.com:587", a URL, spaces, empty
+    labels) fails with a text that says why."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return normalise_host(text)
+        except InvalidHost as exc:
+            raise ValidationError(str(exc)) from None

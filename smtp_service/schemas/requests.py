@@ -11,10 +11,10 @@ from marshmallow import Schema, ValidationError, fields, post_load, pre_load, va
 
 from smtp_service.schemas.fields import (
     HOST_PATTERN,
+    HostName,
     NonEmptyString,
     StrictBoolean,
     StrictInteger,
-    check_host,
 )
 from smtp_service.services import domain
 from smtp_service.services.compose import MAX_MAILBOX_LENGTH
@@ -30,9 +30,8 @@ def _no_line_breaks(value: str) -> None:
 class SmtpSettingsInput(Schema):
     """POST /api/smtp/settings and POST /api/smtp/test."""
 
-    host = NonEmptyString(
+    host = HostName(
         required=True,
-        validate=check_host,
         metadata={
             "pattern": HOST_PATTERN.pattern,
             "maxLength": 253,

@@ -31,7 +31,7 @@ class SmtpSettingsView(Schema):
     def _from_settings(self, active: ActiveSettings, **_kwargs: Any) -> dict[str, Any]:
         e = active.endpoint
         return {
-            "host": e.host if e else None,
+            "host": active.host_as_stored or (e.host if e else None),
             "port": e.port if e else None,
             "secure": e.secure if e else False,
             "user": e.user if e else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from marshmallow import ValidationError
@@ -14,6 +14,7 @@ from smtp_service.caches import FileCache
 from smtp_service.schemas.stored import StoredSmtpSettings
 from smtp_service.services.crypto import SecretBox, SecretError, is_encrypted
 from smtp_service.services.errors import InvalidInput
+from smtp_service.services.hostnames import InvalidHost, normalise_host
 from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused
 from smtp_service.services.transport import (
     Secret,
@@ -43,6 +44,9 @@ class StoredSettings:
     endpoint: SmtpEndpoint
     updated_at: str | None
     updated_by: str | None
+    # The host as the file spells it, when that is not endpoint.host's normalised form (a file
+    # written by hand or by the old service: "SMTP.Example.com."); the view shows it as stored.
+    host_as_stored: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class ActiveSettings:
 
     endpoint: SmtpEndpoint | None
     is_global: bool
+    host_as_stored: str | None = None  # see StoredSettings
 
 
 class SettingsService:
@@ -97,14 +102,14 @@ class SettingsService:
         try:
             data = _STORED_SCHEMA.load(raw if isinstance(raw, dict) else {})
         except ValidationError as exc:
-            fields = ", ".join(sorted(exc.messages)) if isinstance(exc.messages, dict) else "?"
-            raise StoredSettingsUnusable(f"settings file fails validation ({fields})") from None
+            raise StoredSettingsUnusable(_validation_failure(exc.messages)) from None
         try:
             password = self.box.decrypt(account_id, data["password"])
         except SecretError as exc:
             raise StoredSettingsUnusable(str(exc)) from None
         endpoint = _endpoint({**data, "password": password})
-        return StoredSettings(endpoint, data["updatedAt"], data["updatedBy"])
+        as_stored = raw["host"] if raw["host"] != endpoint.host else None
+        return StoredSettings(endpoint, data["updatedAt"], data["updatedBy"], as_stored)
 
     def active(self, account_id: str) -> ActiveSettings:
         """The account's own settings when usable, else the global server's (is_global)."""
@@ -116,7 +121,7 @@ class SettingsService:
             )
             own = None
         if own is not None:
-            return ActiveSettings(own.endpoint, is_global=False)
+            return ActiveSettings(own.endpoint, is_global=False, host_as_stored=own.host_as_stored)
         return ActiveSettings(self.global_endpoint, is_global=True)
 
     # -- writing -----------------------------------------------------------------------------
@@ -129,9 +134,16 @@ class SettingsService:
         `settings` is an SmtpEndpoint (what SmtpSettingsInput loads), or a mapping with its
         fields (host, port, secure, user, password, requireTls) for callers written before.
         Returns what was stored (updated now, by user_id). InvalidInput on "host" when the
-        host is one accounts may not use (SSRF guard).
+        host is not one (a mapping's host is normalised here, as the schema does for an
+        SmtpEndpoint) or is one accounts may not use (SSRF guard).
         """
-        endpoint = settings if isinstance(settings, SmtpEndpoint) else _endpoint(settings)
+        if isinstance(settings, SmtpEndpoint):
+            endpoint = settings
+        else:
+            try:
+                endpoint = _endpoint({**settings, "host": normalise_host(settings["host"])})
+            except InvalidHost as exc:
+                raise InvalidInput.field("host", str(exc)) from None
         try:
             self.guard.check(endpoint.host, endpoint.port)
         except HostRefused:
@@ -177,36 +189,61 @@ class SettingsService:
 
     # -- maintenance (CLI) -------------------------------------------------------------------
 
-    def reencrypt_all(self, only_plaintext: bool) -> dict[str, int]:
+    def reencrypt_all(self, only_plaintext: bool) -> ReencryptReport:
         """Re-encrypt every stored password with the current key.
 
         only_plaintext=True touches only legacy plaintext passwords (encrypt-existing);
         otherwise every password not already under the current key is rewritten (rotate-key).
-        Idempotent: values already in the wanted form are left alone.
+        Idempotent: values already in the wanted form are left alone. A file that cannot be
+        used (not JSON, failing the stored schema, a password that does not decrypt) is left
+        as it is and reported in `failed` with the reason, never counted as updated.
         """
-        counts = {"updated": 0, "unchanged": 0, "failed": 0}
+        report = ReencryptReport()
         for account_id in self.files.accounts():
 
             def _change(doc: Any, account_id: str = account_id) -> Any:
-                if not isinstance(doc, dict) or not isinstance(doc.get("pass"), str):
-                    counts["failed"] += 1
+                problem = _document_problem(doc)
+                if problem is not None:
+                    report.failed[account_id] = problem
                     return doc
                 stored = doc["pass"]
                 if self.box.is_current(stored) or (only_plaintext and is_encrypted(stored)):
-                    counts["unchanged"] += 1
+                    report.unchanged += 1
                     return doc
                 try:
                     plain = self.box.decrypt(account_id, stored)
                 except SecretError as exc:
                     log.error("account %s: cannot re-encrypt: %s", account_id, exc)
-                    counts["failed"] += 1
+                    report.failed[account_id] = str(exc)
                     return doc
-                counts["updated"] += 1
+                report.updated += 1
                 return {**doc, "pass": self.box.encrypt(account_id, plain)}
 
             if os.path.exists(self.files.path(account_id, SETTINGS_FILE)):
                 self.files.update(account_id, SETTINGS_FILE, _change)
-        return counts
+        return report
+
+
+@dataclass
+class ReencryptReport:
+    """What encrypt-existing or rotate-key did: counts, and each file left alone and why."""
+
+    updated: int = 0
+    unchanged: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # account id -> reason (no secret)
+
+
+def _validation_failure(messages: Any) -> str:
+    fields = ", ".join(sorted(messages)) if isinstance(messages, dict) else "?"
+    return f"settings file fails validation ({fields})"
+
+
+def _document_problem(doc: Any) -> str | None:
+    """Why a stored document cannot be used (its password aside), or None when it can."""
+    if doc is None:  # AccountFiles.update passes None for a document that is not JSON
+        return "settings file is not valid JSON"
+    errors = _STORED_SCHEMA.validate(doc if isinstance(doc, dict) else {})
+    return _validation_failure(errors) if errors else None
 
 
 def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
@@ -223,6 +260,7 @@ def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
 
 __all__ = [
     "ActiveSettings",
+    "ReencryptReport",
     "SettingsService",
     "StoredSettings",
     "StoredSettingsUnusable",

@@ -22,7 +22,10 @@ def test_a_verified_token_is_cached_and_still_answers(app, client, tokens):
     assert _get(client, token).status_code == 200  # served from the cache
 
 
-def test_a_cached_token_that_expires_is_refused(app, client, tokens):
+def test_a_cached_token_that_expires_is_refused(app_config, tokens):
+    # No leeway here, so that exp itself is the line (tests/api/test_clock_skew.py has leeway).
+    app = create_app({**app_config, "JWT_DECODE_LEEWAY": "0"})
+    client = app.test_client()
     token = tokens.make(exp=int(time.time()) + 2)
     assert _get(client, token).status_code == 200
     assert app.extensions[TOKEN_CACHE_KEY].get(token) is not None

@@ -39,3 +39,20 @@ def test_such_settings_are_unusable_and_sending_falls_back(
     assert r.status_code == 200 and r.json["transport"] == "global"
     assert smtp_server.auth_attempts == [] and smtp_server.messages == []
     assert "unknown encryption version" in caplog.text and SMTP_PASSWORD not in caplog.text
+
+
+def test_a_mapping_saved_directly_gets_the_one_host_form(app):
+    """SettingsService.save with a mapping (callers before SmtpEndpoint) normalises the host as
+    the request schema does, and refuses what is not a host on the host field."""
+    from smtp_service.services.errors import InvalidInput
+    from smtp_service.services.hostnames import WITH_A_PORT
+
+    settings = app.extensions["smtp_service"].settings
+    fields = {"port": 2525, "secure": False, "user": "u", "password": "p-123456",
+              "requireTls": True}
+    saved = settings.save("acct-a", "user-1", {**fields, "host": "LocalHost."})
+    assert saved.endpoint.host == "localhost"
+    assert settings.load("acct-a").endpoint.host == "localhost"
+    with pytest.raises(InvalidInput) as caught:
+        settings.save("acct-a", "user-1", {**fields, "host": "smtp.example.com:587"})
+    assert caught.value.fields == {"host": [WITH_A_PORT]}
