@@ -93,7 +93,7 @@ def run(requests: int, port: int, ca_file: str, workdir: str) -> None:
         (auth, "verify_jwt_in_request", "JWT verification"),
         (messages_view, "json_body", "JSON + marshmallow"),
         (mailer, "parse_mailbox", "address checks"),
-        (mailer, "parse_mailboxes", "address checks"),
+        (mailer, "parse_address_list", "address checks"),
         (mailer.Mailer, "route", "settings + route"),
         (mailer, "build_message", "MIME build"),
         (pool.TransportPool, "send", "SMTP (smtplib, TLS)"),

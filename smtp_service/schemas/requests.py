@@ -17,8 +17,10 @@ from smtp_service.schemas.fields import (
     StrictInteger,
 )
 from smtp_service.services import domain
-from smtp_service.services.compose import MAX_MAILBOX_LENGTH
-from smtp_service.services.errors import shown
+from smtp_service.services.addresses import MAX_ADDRESS_LIST_LENGTH, MAX_MAILBOX_LENGTH
+from smtp_service.services.compose import attachment_type_problem
+from smtp_service.services.errors import InvalidInput, shown
+from smtp_service.services.headers import caller_headers
 from smtp_service.services.transport import Secret, SmtpEndpoint
 
 
@@ -79,20 +81,6 @@ class SmtpSettingsInput(Schema):
 # -- sending -------------------------------------------------------------------------------------
 
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 field name: printable, no colon
-_RESERVED_HEADERS = {
-    "from",
-    "to",
-    "cc",
-    "bcc",
-    "subject",
-    "message-id",
-    "date",
-    "reply-to",
-    "sender",
-    "content-type",
-    "content-transfer-encoding",
-    "mime-version",
-}
 
 
 # What a header-bound value may not hold: NUL and the other C0 controls but TAB, DEL (the email
@@ -118,18 +106,44 @@ def _mailbox_schema() -> dict[str, Any]:
         "format": "mailbox",
         "maxLength": MAX_MAILBOX_LENGTH,
         "pattern": _HEADER_SAFE,
+        "description": "One mailbox: a@b.example, <a@b.example>, Jane Doe <a@b.example> or "
+        '"Doe, Jane" <a@b.example> (RFC 5322 3.4). Special-use and internal domains '
+        "(corp.local, .internal, .test) are accepted; internationalised addresses too.",
+    }
+
+
+ADDRESS_LIST_DESCRIPTION = (
+    "An RFC 5322 address list, as Nodemailer accepts it: a@b.example; Jane Doe <a@b.example>; "
+    '"Doe, Jane" <a@b.example> (a quoted name may hold commas); several separated by commas '
+    "(a@b.example, Jane <j@b.example>); groups, Team: a@b.example, b@b.example; (also empty: "
+    "undisclosed-recipients:;), whose members are recipients; comments, a@b.example (Jane), "
+    "are dropped; RFC 2047 encoded-words in names are decoded. Special-use and internal domains "
+    "(corp.local, .internal, .test, single labels) are accepted: the SMTP server decides. "
+    "Refused: quoted local parts and domain literals (a@[10.0.0.1])."
+)
+
+
+def _address_string_schema() -> dict[str, Any]:
+    """One string of an address field, for the OpenAPI document."""
+    return {
+        "type": "string",
+        "format": "address-list",
+        "maxLength": MAX_ADDRESS_LIST_LENGTH,
+        "pattern": _HEADER_SAFE,
+        "description": ADDRESS_LIST_DESCRIPTION,
     }
 
 
 def _address_list_schema(min_items: int = 0) -> dict[str, Any]:
-    many: dict[str, Any] = {"type": "array", "items": _mailbox_schema()}
+    many: dict[str, Any] = {"type": "array", "items": _address_string_schema()}
     if min_items:
         many["minItems"] = min_items
-    return {"anyOf": [_mailbox_schema(), many]}
+    return {"anyOf": [_address_string_schema(), many], "description": ADDRESS_LIST_DESCRIPTION}
 
 
 class AddressList(fields.Field):
-    """One address or a list of them; each a single line of at most MAX_MAILBOX_LENGTH."""
+    """One address string or a list of them; each a single line of at most
+    MAX_ADDRESS_LIST_LENGTH that may hold an RFC 5322 address list (services.addresses)."""
 
     OPENAPI = _address_list_schema()
 
@@ -139,9 +153,9 @@ class AddressList(fields.Field):
             raise ValidationError("Must be an address or a list of addresses.")
         for item in items:
             _no_control_chars(item)
-            if len(item) > MAX_MAILBOX_LENGTH:
+            if len(item) > MAX_ADDRESS_LIST_LENGTH:
                 raise ValidationError(
-                    f"Each address must be at most {MAX_MAILBOX_LENGTH} characters."
+                    f"Each address string must be at most {MAX_ADDRESS_LIST_LENGTH} characters."
                 )
         return [i.strip() for i in items if i.strip()]
 
@@ -157,8 +171,27 @@ class Base64Bytes(fields.String):
             raise ValidationError("Must be base64.") from None
 
 
+_CID = re.compile(r"^[!-;=?-~]{1,250}$")  # printable ASCII without space, "<" and ">"
+
+
+def _attachable(content_type: str) -> None:
+    problem = attachment_type_problem(content_type)
+    if problem is not None:
+        raise ValidationError(problem)
+
+
+def _strip_cid_scheme(value: Any) -> Any:
+    """ "cid:logo" (Postmark's ContentID) and "logo" (Nodemailer's cid) name the same part."""
+    if isinstance(value, str) and value[:4].lower() == "cid:":
+        return value[4:]
+    return value
+
+
 class Attachment(Schema):
-    """One attachment: base64 content."""
+    """One attachment: base64 content. A message/rfc822 attachment is sent as a message part
+    (7bit or 8bit, RFC 2046 5.2.1); multipart/* and other message/* types are refused. With a
+    `cid`, the attachment is an inline part of the html (multipart/related), referenced there as
+    `<img src="cid:...">` (RFC 2392), as Nodemailer's cid and Postmark's ContentID."""
 
     filename = NonEmptyString(
         required=True,
@@ -169,19 +202,58 @@ class Attachment(Schema):
     # ASCII, and no "text/plain\n" through the regex's "$" (a blank line in the part's header)
     contentType = fields.String(
         load_default="application/octet-stream",
-        validate=[_no_control_chars, validate.Regexp(r"^[\w.+-]+/[\w.+-]+$", flags=re.ASCII)],
-        metadata={"example": "text/plain"},
+        validate=[
+            _no_control_chars,
+            validate.Regexp(r"^[\w.+-]+/[\w.+-]+$", flags=re.ASCII),
+            _attachable,
+        ],
+        metadata={
+            "example": "text/plain",
+            "description": "The MIME type. message/rfc822 (and message/global) attach a whole "
+            "message, sent as a message (not base64); multipart/* and other message/* types "
+            "are refused.",
+        },
     )
+    cid = fields.String(
+        load_default=None,
+        validate=validate.Regexp(
+            _CID.pattern, error="Must be 1-250 printable ASCII characters without spaces, < or >."
+        ),
+        metadata={
+            "pattern": _CID.pattern,
+            "example": "logo@example.com",
+            "description": "Content-ID of an inline part: the html refers to it as "
+            "cid:<this value>. A leading cid: is dropped.",
+        },
+    )
+
+    @pre_load
+    def _cid_without_scheme(self, data: Any, **_kwargs: Any) -> Any:
+        if isinstance(data, dict) and "cid" in data:
+            data = {**data, "cid": _strip_cid_scheme(data["cid"])}
+        return data
 
     @post_load
     def _attachment(self, data: dict[str, Any], **_kwargs: Any) -> domain.Attachment:
-        return domain.Attachment(data["filename"], data["contentType"], data["content"])
+        return domain.Attachment(
+            data["filename"], data["contentType"], data["content"], data["cid"]
+        )
 
 
 class HeaderMap(fields.Dict):
-    """Extra headers: safe names, single-line values, none of the ones the service sets."""
+    """Extra headers: safe names, single-line values, the rules of services.headers (which
+    fields a caller may set, each checked against its grammar; no name twice)."""
 
     OPENAPI = {
+        "description": "Extra header fields. Refused: the fields the service sets (From, To, "
+        "Cc, Bcc, Reply-To, Sender, Subject, Date, Message-ID, MIME-Version, Content-Type, "
+        "Content-Transfer-Encoding), trace and resent fields (Return-Path, Received, Resent-*), "
+        "MIME part fields but Content-Language, DKIM-Signature, ARC-*, Authentication-Results, "
+        "and a name given twice in any case. Checked and sent verbatim: In-Reply-To and "
+        "References (message ids), List-* (<URI> lists, RFC 2369), List-Unsubscribe-Post "
+        "(List-Unsubscribe=One-Click, RFC 8058), List-Id, Content-Language, Auto-Submitted, "
+        "Disposition-Notification-To. Any other field is text: ASCII verbatim, other text "
+        "RFC 2047-encoded. Values are folded only at white space.",
         "maxProperties": MAX_HEADERS,
         "additionalProperties": {
             "type": "string",
@@ -202,8 +274,6 @@ class HeaderMap(fields.Dict):
             if not _HEADER_NAME.fullmatch(name):  # never echo a huge name whole
                 problems.append(f"Invalid header name {shown(name, 40)!r}.")
                 continue
-            if name.lower() in _RESERVED_HEADERS:
-                problems.append(f"Header {name} cannot be set here.")
             if _HEADER_UNSAFE_CHAR.search(text):
                 problems.append(
                     f"Header {name} must not contain line breaks or control characters."
@@ -214,6 +284,10 @@ class HeaderMap(fields.Dict):
                 )
         if problems:
             raise ValidationError(problems)
+        try:
+            caller_headers(headers.items())
+        except InvalidInput as exc:
+            raise ValidationError(exc.fields["headers"]) from None
         return headers
 
 
@@ -262,6 +336,9 @@ class SendEmailInput(Schema):
             raise ValidationError("At least one of text or html is required.", "text")
         if not data["to"]:
             raise ValidationError("At least one recipient is required.", "to")
+        cids = [a.cid for a in data["attachments"] if a.cid]
+        if len(cids) != len(set(cids)):
+            raise ValidationError("Each cid must name one attachment.", "attachments")
         return domain.SendRequest(
             sender=data["from_"],
             to=data["to"],
@@ -290,3 +367,4 @@ class SenderInput(Schema):
         validate=[validate.Length(max=200), _no_control_chars],
         metadata={"example": "Sender"},
     )
+

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
-import functools
 import html as html_lib
 import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.headerregistry import Address, HeaderRegistry
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.policy import EmailPolicy
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
+from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
+from smtp_service.services.addresses import (
+    MAX_DISPLAY_NAME,
+    MAX_MAILBOX_LENGTH,
+    Entry,
+    Group,
+    Mailbox,
+    address_key,
+    mailboxes,
+    parse_address_list,
+    parse_mailbox,
+    parse_mailboxes,
+)
+from smtp_service.services.errors import InvalidInput
+from smtp_service.services.headers import address_chunks, caller_headers, fold, text_chunks
 
-from smtp_service.services.errors import InvalidInput, shown
+__all__ = [
+    "MAX_DISPLAY_NAME",
+    "MAX_MAILBOX_LENGTH",
+    "Group",
+    "Mailbox",
+    "build_message",
+    "check_attachments",
+    "mailboxes",
+    "new_message_id",
+    "parse_address_list",
+    "parse_mailbox",
+    "parse_mailboxes",
+    "with_open_pixel",
+]
 
 
 class _CachedHeaderRegistry(HeaderRegistry):
@@ -34,24 +60,24 @@ class _CachedHeaderRegistry(HeaderRegistry):
         return cls
 
 
-class _Wire(str):
-    """A header value already in its final form: printable ASCII, nothing to encode or quote."""
+class _Raw(str):
+    """A header value of a MIME part written exactly as it is (checked before): a Content-ID
+    or a message part's type, which the email package would otherwise fold and encode."""
 
 
 class _Policy(EmailPolicy):
-    """email.policy.SMTP that parses less: most of the cost of building a message is parsing
-    and re-folding each header through the registry (about 0.1 ms a header).
+    """email.policy.SMTP for the MIME body, parsing less: most of the cost of building a
+    message is parsing and re-folding each header through the registry (about 0.1 ms a header).
 
-    - A _Wire value is stored as the plain string; EmailPolicy writes a plain string out
-      unchanged when it fits on one line and folds a longer one through the registry.
+    - A _Raw value is stored and written out as it is.
     - The values EmailMessage.set_content writes for text parts (MIME-Version, Content-Type,
       Content-Transfer-Encoding) are parsed once and the same header object stored every time;
       it is written out directly.
     """
 
     def header_store_parse(self, name: str, value: object) -> tuple[str, object]:
-        if type(value) is _Wire:
-            return name, str(value)
+        if type(value) is _Raw:
+            return name, value
         if type(value) is str:
             constant = _CONSTANTS.get((name.lower(), value))
             if constant is not None:
@@ -59,7 +85,7 @@ class _Policy(EmailPolicy):
         return super().header_store_parse(name, value)
 
     def fold_binary(self, name: str, value: object) -> bytes:
-        if id(value) in _CONSTANT_IDS:
+        if id(value) in _CONSTANT_IDS or type(value) is _Raw:
             return f"{name}: {value}{self.linesep}".encode("ascii")
         return super().fold_binary(name, value)
 
@@ -81,81 +107,14 @@ _CONSTANT_IDS = frozenset(id(header) for header in _CONSTANTS.values())  # kept 
 
 _POLICY = _Policy(linesep="\r\n", header_factory=_CachedHeaderRegistry())
 _POLICY_UTF8 = _POLICY.clone(utf8=True, header_factory=_CachedHeaderRegistry())
-_ATOM_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*")  # RFC 5322 atext and spaces
-
-
-def _wire(value: str) -> _Wire | None:
-    """value as a _Wire when it needs no encoding: printable ASCII, no encoded-word look-alike."""
-    if value.isascii() and value.isprintable() and "=?" not in value and value == value.strip():
-        return _Wire(value)
-    return None
-
-
-@dataclass(frozen=True)
-class Mailbox:
-    """A checked address with its optional display name."""
-
-    name: str
-    address: str  # normalised; ASCII unless the local part needs SMTPUTF8
-
-    @property
-    def needs_smtputf8(self) -> bool:
-        return not self.address.isascii()
-
-    def header(self) -> Address:
-        """The address as an email header value."""
-        local, _, domain = self.address.rpartition("@")
-        return Address(display_name=self.name, username=local, domain=domain)
-
-    def wire(self) -> str | None:
-        """The address as it is written in a header, when that needs no encoding; else None."""
-        if not self.address.isascii():
-            return None
-        if not self.name:
-            return self.address
-        if _wire(self.name) is None:
-            return None
-        if _ATOM_PHRASE.fullmatch(self.name) and "  " not in self.name:
-            return f"{self.name} <{self.address}>"
-        quoted = self.name.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{quoted}" <{self.address}>'
-
-
-MAX_DISPLAY_NAME = 128  # folding a long non-ASCII name costs ~0.6 ms a character
-MAX_MAILBOX_LENGTH = 320  # one address with its display name: well inside a 998-byte line
-
-
-@functools.lru_cache(maxsize=10_000)
-def parse_mailbox(text: str, field: str) -> Mailbox:
-    """'a@b.example' or 'Name <a@b.example>' -> Mailbox; InvalidInput naming the field.
-
-    The same senders and recipients come back all the time and checking one costs ~0.1 ms, so
-    the results (immutable Mailboxes) are kept, least recently used dropped first; a refusal
-    raises and is not kept."""
-    pairs = getaddresses([text])
-    if len(pairs) != 1 or not pairs[0][1]:
-        raise InvalidInput.field(field, f"Invalid email address: {shown(text, 80)}")
-    name, addr = pairs[0]
-    if len(name) > MAX_DISPLAY_NAME:
-        raise InvalidInput.field(
-            field, f"Display name longer than {MAX_DISPLAY_NAME} characters: {shown(name, 80)}"
-        )
-    try:
-        checked = validate_email(addr, check_deliverability=False, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        message = f"Invalid email address {shown(addr, 80)}: {exc}"
-        raise InvalidInput.field(field, message) from None
-    return Mailbox(name, checked.ascii_email or checked.normalized)
-
-
-def parse_mailboxes(items: Iterable[str], field: str) -> list[Mailbox]:
-    """Each item checked; the first bad one names the field."""
-    return [parse_mailbox(item, field) for item in items]
 
 
 def new_message_id(sender: Mailbox) -> str:
-    """A unique id, also used as the Message-ID header (without the angle brackets)."""
-    domain = sender.address.rpartition("@")[2] or "smtp-service.local"
+    """A unique id, also used as the Message-ID header (without the angle brackets); ASCII
+    (RFC 5322 3.6.4), so an internationalised domain is written in IDNA form."""
+    domain = address_key(sender.address).rpartition("@")[2] or "smtp-service.local"
+    if not domain.isascii():
+        domain = "smtp-service.local"
     return f"{uuid.uuid4().hex}@{domain}"
 
 
@@ -170,49 +129,194 @@ def with_open_pixel(html: str, pixel_url: str) -> str:
     return html[:at] + tag + html[at:] if at >= 0 else html + tag
 
 
-def build_message(
-    *,
-    message_id: str,
-    sender: Mailbox,
-    to: list[Mailbox],
-    cc: list[Mailbox],
-    reply_to: list[Mailbox],
-    subject: str,
-    text: str | None,
-    html: str | None,
-    headers: Mapping[str, str] | Iterable[tuple[str, str]],
-    attachments: Iterable[tuple[str, str, bytes]],
-    smtputf8: bool,
+# -- attachments -------------------------------------------------------------------------------
+
+# Types that can be attached as they are given: composite types need parts of their own, so
+# multipart/* is refused, and so is every message/* but a whole message (rfc822, or global with
+# UTF-8 headers, RFC 6532): partial and external-body are not files (RFC 2046 5.2.2-5.2.3).
+MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
+_HEADER_LINE = re.compile(rb"[!-9;-~]+:")
+
+
+def attachment_type_problem(content_type: str) -> str | None:
+    """Why a content type cannot be attached, or None."""
+    lower = content_type.lower()
+    if lower.startswith("multipart/"):
+        return (
+            f"{content_type} is a composite type and cannot be attached as a file; "
+            "send its parts as attachments of their own."
+        )
+    if lower.startswith("message/") and lower not in MESSAGE_TYPES:
+        return f"{content_type} cannot be attached; message/rfc822 attaches a whole message."
+    return None
+
+
+def attached_message(data: bytes) -> tuple[bytes, str]:
+    """A message to attach as message/rfc822: its bytes with CRLF line ends and its
+    Content-Transfer-Encoding, 7bit or 8bit (RFC 2046 5.2.1 allows no other). ValueError saying
+    why when it is not an RFC 5322 message that these encodings can carry."""
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if not lines or not _HEADER_LINE.match(lines[0]):
+        raise ValueError("Must be an RFC 5322 message (header fields, a blank line, a body).")
+    if b"\0" in data:
+        raise ValueError("An attached message must not contain NUL bytes (RFC 2046 5.2.1).")
+    if max(len(line) for line in lines) > 998:
+        raise ValueError(
+            "An attached message must have lines of at most 998 octets (RFC 2046 5.2.1); "
+            "attach it as application/octet-stream instead."
+        )
+    if lines[-1] == b"":
+        lines.pop()
+    normalised = b"\r\n".join(lines) + b"\r\n"
+    return normalised, "7bit" if normalised.isascii() else "8bit"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One attachment as build_message takes it."""
+
+    filename: str
+    content_type: str
+    content: bytes
+    cid: str | None = None
+
+
+def _parts(attachments: Iterable[Any]) -> list[Part]:
+    out = []
+    for item in attachments:
+        if isinstance(item, tuple):
+            out.append(Part(*item))
+        else:
+            out.append(Part(item.filename, item.content_type, item.content, item.cid))
+    return out
+
+
+def check_attachments(attachments: Iterable[Any]) -> None:
+    """InvalidInput (on attachments.<i>) for an attachment that cannot be sent as its type says."""
+    problems: dict[str, Any] = {}
+    for index, part in enumerate(_parts(attachments)):
+        type_problem = attachment_type_problem(part.content_type)
+        if type_problem is not None:
+            problems[str(index)] = {"contentType": [type_problem]}
+        elif part.content_type.lower() in MESSAGE_TYPES:
+            try:
+                attached_message(part.content)
+            except ValueError as exc:
+                problems[str(index)] = {"content": [str(exc)]}
+    if problems:
+        raise InvalidInput({"attachments": problems})
+
+
+def _attach(msg: EmailMessage, part: Part, verbatim: dict[bytes, bytes]) -> None:
+    """One attachment added to the multipart/mixed message (made so if it is not). An attached
+    message's bytes are left out of the tree: a placeholder stands for them, noted in
+    `verbatim`, and replaced in the written message."""
+    maintype, _, subtype = part.content_type.partition("/")
+    if part.content_type.lower() not in MESSAGE_TYPES:
+        msg.add_attachment(part.content, maintype=maintype, subtype=subtype, filename=part.filename)
+        if part.cid:
+            msg.get_payload()[-1]["Content-ID"] = _Raw(f"<{part.cid}>")
+        return
+    data, encoding = attached_message(part.content)
+    if msg.get_content_type() != "multipart/mixed":
+        msg.make_mixed()
+    attached = EmailMessage(policy=msg.policy)
+    attached["Content-Type"] = _Raw(part.content_type.lower())
+    attached["Content-Transfer-Encoding"] = _Raw(encoding)
+    attached.add_header("Content-Disposition", "attachment", filename=part.filename)
+    if part.cid:
+        attached["Content-ID"] = _Raw(f"<{part.cid}>")
+    # The generator writes a str payload of a message part unchanged, but only ASCII: 8-bit
+    # bytes go in after it has run.
+    placeholder = f"smtp-service-attached-message-{uuid.uuid4().hex}"
+    verbatim[placeholder.encode("ascii")] = data
+    attached.set_payload(placeholder)
+    msg.attach(attached)
+
+
+def _body(
+    text: str | None, html: str | None, attachments: list[Part], policy: EmailPolicy
 ) -> bytes:
-    """The message as bytes with CRLF line ends (Bcc never appears in it)."""
-    msg = EmailMessage(policy=_POLICY_UTF8 if smtputf8 else _POLICY)
-    msg["From"] = _addresses([sender])
-    msg["To"] = _addresses(to)
-    if cc:
-        msg["Cc"] = _addresses(cc)
-    if reply_to:
-        msg["Reply-To"] = _addresses(reply_to)
-    msg["Subject"] = _wire(subject) or subject
-    msg["Date"] = _Wire(format_datetime(datetime.now(UTC)))
-    msg["Message-ID"] = _wire(f"<{message_id}>") or f"<{message_id}>"
-    for name, value in headers.items() if isinstance(headers, Mapping) else headers:
-        msg[name] = value
+    """The MIME entity: MIME-Version, Content-Type and the parts.
+
+    text and html are alternatives (RFC 2046 5.1.4); attachments with a cid are the html's
+    inline parts (multipart/related, RFC 2387, referenced as cid: URLs, RFC 2392), the others
+    follow in multipart/mixed. Without html, a cid attachment is an ordinary one."""
+    msg = EmailMessage(policy=policy)
+    inline = [
+        p
+        for p in attachments
+        if p.cid and html is not None and p.content_type.lower() not in MESSAGE_TYPES
+    ]
+    others = [p for p in attachments if p not in inline]
     if text is not None:
         msg.set_content(text)
     if html is not None:
         if text is not None:
             msg.add_alternative(html, subtype="html")
+            html_part = msg.get_payload()[-1]
         else:
             msg.set_content(html, subtype="html")
-    for filename, content_type, data in attachments:
-        maintype, _, subtype = content_type.partition("/")
-        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
-    return msg.as_bytes()
+            html_part = msg
+        for part in inline:
+            maintype, _, subtype = part.content_type.partition("/")
+            html_part.add_related(
+                part.content,
+                maintype=maintype,
+                subtype=subtype,
+                filename=part.filename,
+                disposition="inline",
+            )
+            html_part.get_payload()[-1]["Content-ID"] = _Raw(f"<{part.cid}>")
+    verbatim: dict[bytes, bytes] = {}
+    for part in others:
+        _attach(msg, part, verbatim)
+    written = msg.as_bytes()
+    if not verbatim:
+        return written
+    boundaries = [b.encode("ascii") for p in msg.walk() if (b := p.get_boundary())]
+    for placeholder, data in verbatim.items():
+        # A boundary must not occur in the parts it separates (RFC 2046 5.1.1); the generator
+        # chose them without seeing these bytes. A collision of its 19 random digits is a
+        # 1e-19 event, but when it happens the message is built again.
+        if any(b"--" + b in data for b in boundaries):
+            return _body(text, html, attachments, policy)
+        written = written.replace(placeholder, data, 1)
+    return written
 
 
-def _addresses(mailboxes: list[Mailbox]) -> _Wire | list[Address]:
-    """An address header's value: written directly when every address allows it."""
-    written = [m.wire() for m in mailboxes]
-    if all(w is not None for w in written):
-        return _Wire(", ".join(written))  # type: ignore[arg-type]
-    return [m.header() for m in mailboxes]
+def build_message(
+    *,
+    message_id: str,
+    sender: Mailbox,
+    to: list[Entry],
+    cc: list[Entry],
+    reply_to: list[Entry],
+    subject: str,
+    text: str | None,
+    html: str | None,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    attachments: Iterable[Any],
+    smtputf8: bool,
+) -> bytes:
+    """The message as bytes with CRLF line ends (Bcc never appears in it).
+
+    The header fields are written by services.headers (folded at white space only, encoded-words
+    only in text and phrases); the caller's own fields are checked there (InvalidInput). The
+    MIME body is the email package's. Attachments are (filename, content type, bytes[, cid])
+    or objects with those attributes."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    head = [
+        fold("From", address_chunks("From", [sender], smtputf8)),
+        fold("To", address_chunks("To", to, smtputf8)),
+    ]
+    if cc:
+        head.append(fold("Cc", address_chunks("Cc", cc, smtputf8)))
+    if reply_to:
+        head.append(fold("Reply-To", address_chunks("Reply-To", reply_to, smtputf8)))
+    head.append(fold("Subject", text_chunks("Subject", subject, smtputf8)))
+    head.append(f"Date: {format_datetime(datetime.now(UTC))}\r\n")
+    head.append(f"Message-ID: <{message_id}>\r\n")
+    head += caller_headers(pairs, smtputf8)
+    body = _body(text, html, _parts(attachments), _POLICY_UTF8 if smtputf8 else _POLICY)
+    return "".join(head).encode("utf-8") + body

@@ -21,6 +21,7 @@ class Attachment:
     filename: str
     content_type: str
     content: bytes
+    cid: str | None = None  # a Content-ID: an inline part of the html, referenced as cid:<cid>
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +29,8 @@ class SendRequest:
     """One message to send, as the caller gave it (addresses not yet parsed or checked).
 
     Lists may be given as any iterable and `headers` as a mapping: they are kept as tuples, so a
-    request is immutable. Addresses are "a@b.example" or "Name <a@b.example>".
+    request is immutable. Each address string may hold an RFC 5322 address list
+    ("a@b.example, Name <c@d.example>, Team: e@f.example;"; see services.addresses).
     """
 
     sender: str
@@ -74,7 +76,11 @@ class SendRequest:
                 self.text,
                 self.html,
                 self.headers,
-                [(a.filename, a.content_type, len(a.content)) for a in self.attachments],
+                # a cid only when there is one: digests of requests without one are unchanged
+                [
+                    (a.filename, a.content_type, len(a.content), *((a.cid,) if a.cid else ()))
+                    for a in self.attachments
+                ],
                 self.track_opens,
             ]
         )

@@ -11,13 +11,16 @@ from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
+from smtp_service.services.addresses import MAX_MAILBOX_LENGTH, Entry, address_key
 from smtp_service.services.bounces import MAILBOX_FULL, Refusal, classify_smtp_error
 from smtp_service.services.compose import (
     Mailbox,
     build_message,
+    check_attachments,
+    mailboxes,
     new_message_id,
+    parse_address_list,
     parse_mailbox,
-    parse_mailboxes,
     with_open_pixel,
 )
 from smtp_service.services.domain import Attachment, Bounce, SendRequest, SendResult
@@ -189,20 +192,38 @@ class Mailer:
             raise InvalidInput.field("to", f"At most {limit} recipients (to, cc and bcc together).")
         if len(request.reply_to) > limit:
             raise InvalidInput.field("replyTo", f"At most {limit} addresses.")
+        # A string may hold a whole address list: bound the text the parser is given as well.
+        text_limit = limit * MAX_MAILBOX_LENGTH
+        if sum(len(a) for a in (*request.to, *request.cc, *request.bcc)) > text_limit:
+            raise InvalidInput.field("to", f"At most {text_limit} characters of addresses.")
+        if sum(len(a) for a in request.reply_to) > text_limit:
+            raise InvalidInput.field("replyTo", f"At most {text_limit} characters of addresses.")
 
     def _send(self, account_id: str, request: SendRequest, key: str | None = None) -> SendResult:
         sender = parse_mailbox(request.sender, "from")
-        to = parse_mailboxes(request.to, "to")
-        cc = parse_mailboxes(request.cc, "cc")
-        bcc = parse_mailboxes(request.bcc, "bcc")
-        reply_to = parse_mailboxes(request.reply_to, "replyTo")
-        recipients = _unique([m.address for m in to + cc + bcc])  # _check_counts bounded them
+        to = _entries(request.to, "to")
+        cc = _entries(request.cc, "cc")
+        bcc = _entries(request.bcc, "bcc")
+        reply_to = _entries(request.reply_to, "replyTo")
+        every = mailboxes(to + cc + bcc)
+        if len(every) > self.max_recipients:
+            raise InvalidInput.field(
+                "to", f"At most {self.max_recipients} recipients (to, cc and bcc together)."
+            )
+        if len(mailboxes(reply_to)) > self.max_recipients:
+            raise InvalidInput.field("replyTo", f"At most {self.max_recipients} addresses.")
+        recipients = _unique([m.address for m in every])
+        if not recipients:
+            raise InvalidInput.field("to", "At least one recipient is required.")
+        check_attachments(request.attachments)
         suppressed = self.suppressions.suppressed(account_id, recipients)
         if suppressed:
             raise RecipientsSuppressed(suppressed)
         route = self.route(account_id)
         address = sender.address.lower()
-        if address not in route.allowed_senders and address not in self.senders.emails(account_id):
+        if address not in route.allowed_senders and address_key(
+            sender.address
+        ) not in self.senders.emails(account_id):
             raise SenderNotVerified(sender.address)
 
         message_id = new_message_id(sender)
@@ -210,7 +231,9 @@ class Mailer:
         tracking = bool(html is not None and request.track_opens)
         if tracking:
             html = with_open_pixel(html, self.tracker.url(account_id, message_id))
-        smtputf8 = sender.needs_smtputf8 or any(m.needs_smtputf8 for m in to + cc + bcc + reply_to)
+        smtputf8 = sender.needs_smtputf8 or any(
+            m.needs_smtputf8 for m in every + mailboxes(reply_to)
+        )
         raw = build_message(
             message_id=message_id,
             sender=sender,
@@ -221,7 +244,7 @@ class Mailer:
             text=request.text,
             html=html,
             headers=request.headers,
-            attachments=[(a.filename, a.content_type, a.content) for a in request.attachments],
+            attachments=request.attachments,
             smtputf8=smtputf8,
         )
         if len(raw) > self.max_message_bytes:
@@ -427,6 +450,11 @@ def _text(reply: Any) -> str | None:
     if isinstance(reply, bytes):
         return reply.decode("utf-8", "replace")
     return reply
+
+
+def _entries(items: tuple[str, ...], field: str) -> list[Entry]:
+    """Every mailbox and group of an address field's strings, in order."""
+    return [entry for item in items for entry in parse_address_list(item, field)]
 
 
 def _unique(addresses: list[str]) -> list[str]:

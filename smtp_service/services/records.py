@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from smtp_service.services.compose import MAX_MAILBOX_LENGTH
+from smtp_service.services.addresses import MAX_MAILBOX_LENGTH, address_forms
 from smtp_service.services.errors import MessageNotFound, SuppressionNotFound, shown
 from smtp_service.storage.messages import MessageLog
 from smtp_service.storage.suppressions import SuppressionList
@@ -33,9 +33,10 @@ class MessageRecords:
         return self.suppression_list.list(account_id)
 
     def unsuppress(self, account_id: str, email: str) -> None:
-        """Allow sending to the address again; SuppressionNotFound when it is not suppressed."""
+        """Allow sending to the address again, named as it was written or with its domain in
+        IDNA (punycode) or Unicode form; SuppressionNotFound when it is not suppressed."""
         # An address longer than any that can be sent to was never suppressed: not looked up.
         if len(email) > MAX_MAILBOX_LENGTH or not self.suppression_list.unsuppress(
-            account_id, email
+            account_id, email, address_forms(email)
         ):
             raise SuppressionNotFound(shown(email, 100))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smtp_service.caches import FileCache
-from smtp_service.services.compose import MAX_MAILBOX_LENGTH, parse_mailbox
+from smtp_service.services.addresses import MAX_MAILBOX_LENGTH, address_key, parse_mailbox
 from smtp_service.services.errors import SenderExists, SenderNotFound, shown
 from smtp_service.storage.files import AccountFiles
 from smtp_service.timestamps import iso_utc
@@ -33,7 +33,7 @@ class _Senders:
     """One version of an account's senders.json, parsed."""
 
     senders: tuple[Sender, ...]
-    emails: frozenset[str]  # lower-cased
+    emails: frozenset[str]  # address_key() of each: lower-cased, the domain in IDNA form
 
 
 class SenderService:
@@ -52,7 +52,8 @@ class SenderService:
         return self._load(account_id).senders
 
     def emails(self, account_id: str) -> frozenset[str]:
-        """The account's sender addresses, lower-cased."""
+        """The account's sender addresses as address_key() spells them (lower-cased, the domain
+        in IDNA form)."""
         return self._load(account_id).emails
 
     def add(self, account_id: str, email: str, name: str | None) -> Sender:
@@ -62,7 +63,7 @@ class SenderService:
 
         def _add(doc: Any) -> Any:
             current = doc.get("senders", []) if isinstance(doc, dict) else []
-            if any(s.get("email", "").lower() == address.lower() for s in current):
+            if any(address_key(str(s.get("email", ""))) == address_key(address) for s in current):
                 raise SenderExists(address)
             return {"senders": [*current, sender.as_stored()]}
 
@@ -71,13 +72,15 @@ class SenderService:
         return sender
 
     def remove(self, account_id: str, email: str) -> None:
-        """Remove a sender; SenderNotFound when the account has none such."""
+        """Remove a sender, named as it was written or with its domain in IDNA (punycode) or
+        Unicode form, in any case; SenderNotFound when the account has none such."""
         if len(email) > MAX_MAILBOX_LENGTH:  # never added (add refuses it); not quoted whole
             raise SenderNotFound(shown(email, 100))
+        key = address_key(email)
 
         def _remove(doc: Any) -> Any:
             current = doc.get("senders", []) if isinstance(doc, dict) else []
-            kept = [s for s in current if s.get("email", "").lower() != email.lower()]
+            kept = [s for s in current if address_key(str(s.get("email", ""))) != key]
             if len(kept) == len(current):
                 raise SenderNotFound(email)
             return {"senders": kept}
@@ -100,7 +103,7 @@ class SenderService:
             for s in entries or []
             if isinstance(s, dict) and isinstance(s.get("email"), str)
         )
-        return _Senders(senders, frozenset(s.email.lower() for s in senders))
+        return _Senders(senders, frozenset(address_key(s.email) for s in senders))
 
 
 _NONE = _Senders((), frozenset())

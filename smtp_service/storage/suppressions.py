@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -174,10 +175,18 @@ class SuppressionList:
             found.update(r.email for r in self.db.query(_select_some(len(chunk)), params))
         return [e for e in emails if e.lower() in found]
 
-    def unsuppress(self, account_id: str, email: str) -> bool:
-        """Allow the address again; True when it was suppressed."""
-        if not storable(email):
+    def unsuppress(self, account_id: str, email: str, aliases: Iterable[str] = ()) -> bool:
+        """Allow the address again, and the other spellings of it in `aliases` (an IDN address
+        as written and in punycode); True when any was suppressed."""
+        spellings = sorted({e.lower() for e in (email, *aliases) if storable(e)})
+        if not spellings:
             return False
-        params = {"account_id": account_id, "email": email.lower(), "since": self._since()}
-        with self.db.write() as conn:
-            return bool(conn.execute(_DELETE, params).rowcount)
+        since = self._since()
+        with self.db.write() as conn:  # a few spellings of one address: one statement each
+            removed = [
+                conn.execute(
+                    _DELETE, {"account_id": account_id, "email": email, "since": since}
+                ).rowcount
+                for email in spellings
+            ]
+        return any(removed)

@@ -402,6 +402,10 @@ def test_wrong_types_in_every_field_are_400(account, route, field, value):
     account.assert_untouched()
 
 
+def _attachment(**fields: Any) -> dict[str, Any]:
+    return {"filename": "a", "content": "aGk=", **fields}
+
+
 @pytest.mark.parametrize(
     ("route", "field", "value"),
     [
@@ -433,6 +437,41 @@ def test_wrong_types_in_every_field_are_400(account, route, field, value):
         (SEND, "headers", {"X:Bad": "v"}),
         (SEND, "headers", {"Bcc": "victim@example.org"}),
         (SEND, "headers", {"content-type": "text/html"}),
+        # header rules (services.headers): refused names, duplicates, grammar
+        (SEND, "headers", {"Content-Disposition": "inline", "content-disposition": "inline"}),
+        (SEND, "headers", {"X-A": "1", "x-a": "2", "X-a": "3"}),
+        (SEND, "headers", {"Resent-Date": "not a date"}),
+        (SEND, "headers", {"Received": "from evil"}),
+        (SEND, "headers", {"Content-ID": "<x@y>"}),
+        (SEND, "headers", {"DKIM-Signature": "v=1; a=rsa-sha256"}),
+        (SEND, "headers", {"List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}),
+        (SEND, "headers", {"List-Unsubscribe": "<https://exämple.com/u>"}),
+        (SEND, "headers", {"List-Unsubscribe": "<" * 500}),
+        (SEND, "headers", {"References": "<a@b> " * 150 + "<ä@b>"}),
+        (SEND, "headers", {"In-Reply-To": "<>"}),
+        (SEND, "headers", {"List-Id": "<" + "a" * 990 + ">"}),
+        (SEND, "headers", {"Disposition-Notification-To": "(" * 900}),
+        (SEND, "headers", {"X-Word": "w" * 995}),
+        # attachments by type
+        (SEND, "attachments", [_attachment(contentType="multipart/mixed")]),
+        (SEND, "attachments", [_attachment(contentType="message/partial")]),
+        (SEND, "attachments", [_attachment(contentType="message/rfc822")]),
+        (SEND, "attachments", [_attachment(cid="a b")]),
+        (SEND, "attachments", [_attachment(cid="<a>")]),
+        (SEND, "attachments", [_attachment(cid="")]),
+        (SEND, "attachments", [_attachment(cid=1)]),
+        (SEND, "attachments", [_attachment(cid="x" * 251)]),
+        (SEND, "attachments", [_attachment(cid="c"), _attachment(cid="cid:c")]),
+        # address forms (services.addresses)
+        (SEND, "to", "a@example.net, " * 300 + "b@example.net"),
+        (SEND, "to", "(" * 3000 + "a@example.net"),
+        (SEND, "to", '"' + "a " * 1999 + '" <a@example.net>'),
+        (SEND, "to", "Team: a@example.net"),
+        (SEND, "to", "a@[127.0.0.1]"),
+        (SEND, "cc", ["x, y, z"]),
+        (SEND, "from", f"{SENDER}, b@example.com"),
+        (SEND, "from", "undisclosed-recipients:;"),
+        (SEND, "replyTo", "Group: a@example.net, bad;"),
     ],
 )
 def test_wrong_values_are_400(account, route, field, value):

@@ -82,6 +82,24 @@ _RECIPIENTS = st.sampled_from(
     ]
 )
 schemathesis.openapi.format("mailbox", st.one_of(_SENDERS, _RECIPIENTS, st.emails()))
+# "address-list" (one string of to/cc/bcc/replyTo): a mailbox, or several forms of RFC 5322
+# address lists, comma lists, quoted names with commas, groups, internal domains.
+_LIST_FORMS = st.sampled_from(
+    [
+        '"Doe, Jane" <jane@example.net>, rcpt@example.net',
+        "Team: rcpt@example.net, Rcpt Two <rcpt2@example.org>;",
+        "undisclosed-recipients:;",
+        "it@corp.local, ops@svc.internal",
+        "rcpt@example.net (a comment), bad-user@example.net",
+        "=?utf-8?q?J=C3=B6rg?= <jorg@example.net>",
+    ]
+)
+schemathesis.openapi.format(
+    "address-list",
+    st.one_of(
+        _RECIPIENTS, _LIST_FORMS, st.lists(_RECIPIENTS, min_size=1, max_size=4).map(", ".join)
+    ),
+)
 
 _SPEC_DATA = tempfile.TemporaryDirectory(prefix="smtp-service-openapi-")
 _SPEC_APP = create_app(
@@ -203,7 +221,9 @@ def _check_delivery(case, response, delivered, message_ids: set[str]) -> None:
     for name in ("to", "cc", "bcc"):
         value = case.body.get(name, [])
         values = [value] if isinstance(value, str) else value
-        requested |= {address.lower() for _name, address in email.utils.getaddresses(values)}
+        for text in values:  # the members of a group are recipients too
+            members = text.split(":", 1)[1] if ":" in text and "<" not in text else text
+            requested |= {a.lower() for _n, a in email.utils.getaddresses([members.rstrip(";")])}
     assert {r.lower() for r in got.rcpt_tos} <= _with_idna(requested)
     assert {r.lower() for r in body["accepted"]} == {r.lower() for r in got.rcpt_tos}
     assert got.mail_from.lower() in _with_idna(
