@@ -120,6 +120,20 @@ def _database_url(env: Mapping[str, str], data_dir: str) -> str:
     return url
 
 
+def _smtp_timeouts(env: Mapping[str, str]) -> dict[str, float | None]:
+    """Seconds per stage of an SMTP conversation and for a whole operation (README, "SMTP
+    timeouts"). SMTP_TIMEOUT, the one timeout of old, is still the default of the connect and
+    command timeouts where a deployment sets it."""
+    legacy = _float(env, "SMTP_TIMEOUT", 0.0, 0.1, 300.0) or None
+    return {
+        "SMTP_TIMEOUT": legacy,
+        "SMTP_CONNECT_TIMEOUT": _float(env, "SMTP_CONNECT_TIMEOUT", legacy or 10.0, 0.1, 300.0),
+        "SMTP_COMMAND_TIMEOUT": _float(env, "SMTP_COMMAND_TIMEOUT", legacy or 30.0, 0.1, 600.0),
+        "SMTP_FINAL_REPLY_TIMEOUT": _float(env, "SMTP_FINAL_REPLY_TIMEOUT", 120.0, 0.1, 1200.0),
+        "SMTP_DEADLINE": _float(env, "SMTP_DEADLINE", 150.0, 0.5, 3600.0),
+    }
+
+
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
     env = os.environ if env is None else env
@@ -166,7 +180,7 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SMTP_PASS": env.get("SMTP_PASS", "") or None,
         "SMTP_FROM": env.get("SMTP_FROM", "").strip() or None,
         "SMTP_REQUIRE_TLS": _bool(env, "SMTP_REQUIRE_TLS", True),
-        "SMTP_TIMEOUT": _float(env, "SMTP_TIMEOUT", 10.0, 0.1, 300.0),
+        **_smtp_timeouts(env),
         "SMTP_HOST_ALLOWLIST": _allowlist(env),
         "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
         "MAX_CONTENT_LENGTH": max_request,

@@ -3,9 +3,9 @@
 With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write; a refused transaction
 ends with RSET (RFC 5321 4.1.1.5) so the connection can carry the next one; the content is sent
 with its line ends made CRLF and leading dots doubled (RFC 5321 4.5.2). A failure is a
-SendFailed (nothing delivered, or perhaps delivered when the content had gone out: `uncertain`),
-or a StaleConnection when a reused connection was dead before any content went out (nothing can
-have been delivered: the caller may try a fresh connection).
+SendFailed (nothing delivered, or perhaps delivered once the final dot had gone out:
+`uncertain`), or a StaleConnection when a reused connection was dead before any content went
+out (nothing can have been delivered: the caller may try a fresh connection).
 
 Which connection carries a message, and when one is retired, is the pool's business (pool.py).
 """
@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from smtp_service.services.transport import (
+    BoundedSMTP,
     SmtpEndpoint,
     TransportError,
     close_quietly,
@@ -49,8 +50,10 @@ class Delivery:
 
 class SendFailed(Exception):
     """Nothing was delivered. Either the server refused (code/reply, or per-recipient `refused`)
-    or the connection failed (`transport`). `uncertain` is true when the content had been sent
-    before the failure, so the server may still deliver it."""
+    or the connection failed (`transport`). `uncertain` is true when the whole content, final
+    dot included, had been sent before the failure, so the server may still deliver it; a
+    failure before the final dot left is certain (without it the server takes nothing, RFC 5321
+    section 4.1.1.4)."""
 
     def __init__(
         self,
@@ -95,10 +98,14 @@ def _text(reply: bytes | str) -> str:
 class Session:
     """An open, authenticated SMTP connection (from transport.connect) that carries one
     transaction at a time. `healthy` turns false when a failure, a 421 or a failed RSET means
-    it must not carry another; whoever holds it then closes it."""
+    it must not carry another; whoever holds it then closes it.
+
+    Every wait is bounded by the connection's timeouts (transport.Timeouts: the command timeout
+    for each reply and write, the final-reply timeout for the reply to the final dot) and by
+    `smtp.deadline`, which the holder sets for each operation."""
 
     def __init__(
-        self, smtp: smtplib.SMTP, endpoint: SmtpEndpoint, *, pipelining: bool = True
+        self, smtp: BoundedSMTP, endpoint: SmtpEndpoint, *, pipelining: bool = True
     ) -> None:
         self.smtp = smtp
         self.endpoint = endpoint  # for error texts (host:port, the password scrubbed)
@@ -109,8 +116,8 @@ class Session:
         """NOOP (RFC 5321 4.1.1.9) on a connection that sat idle, before it carries a message.
 
         Raises StaleConnection when the server hung up or answers other than 250, SendFailed
-        (phase "mail", `transport` set) on another failure such as a timeout (the SMTP timeout
-        of transport.connect, in seconds); either way the session is no longer healthy."""
+        (phase "mail", `transport` set) on another failure such as a timeout (the command
+        timeout, or the deadline); either way the session is no longer healthy."""
         try:
             code, _ = self.smtp.noop()
             if code != 250:
@@ -132,7 +139,9 @@ class Session:
         Raises SendFailed: a refusal (MAIL, every RCPT, DATA or the content refused; the
         connection stays healthy unless the reply was 421 or RSET failed, RFC 5321 4.1.1.5),
         a message that needs SMTPUTF8 on a server without it (nothing sent), or a connection
-        failure (`transport`; `uncertain` when the content had gone out). When `reused` (the
+        failure or timeout (`transport`; `uncertain` only once the final dot had gone out).
+        The reply to the final dot is awaited for the final-reply timeout (RFC 5321 4.5.3.2.6:
+        content filters answer late), every other reply for the command timeout. When `reused` (the
         connection sat idle since it was opened or last used), a connection found closed before
         the content went out raises StaleConnection instead, as does a 421 at MAIL."""
         started = time.perf_counter() if started is None else started
@@ -145,9 +154,9 @@ class Session:
             accepted, refused = self._recipients(envelope, pipelined, owed)
             phase = "data"
             self._data(pipelined, accepted, refused)
-            content_sent = True
-            self.smtp.send(wire_data(envelope.data))
-            code, reply = self.smtp.getreply()
+            self.smtp.send_content(wire_data(envelope.data))
+            content_sent = True  # the final dot has left: from here the server may have it
+            code, reply = self.smtp.read_reply(self.smtp.timeouts.final_reply)
             if code != 250:  # the transaction is over either way; no RSET needed
                 self.healthy = code != 421
                 raise _refused_message(code, reply, accepted, refused)

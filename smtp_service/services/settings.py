@@ -18,6 +18,7 @@ from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused
 from smtp_service.services.transport import (
     Secret,
     SmtpEndpoint,
+    Timeouts,
     TransportError,
     check_connection,
 )
@@ -63,13 +64,14 @@ class SettingsService:
         box: SecretBox,
         guard: HostGuard,
         global_endpoint: SmtpEndpoint | None,
-        timeout: float,
+        timeouts: Timeouts | float,
     ) -> None:
         self.files = files
         self.box = box
         self.guard = guard
         self.global_endpoint = global_endpoint
-        self.timeout = timeout
+        # the connection test's stage timeouts and deadline (a number: every stage that long)
+        self.timeouts = timeouts if isinstance(timeouts, Timeouts) else Timeouts.uniform(timeouts)
         # Called with the account id after a save or delete (the sending pool drops its
         # connections); other workers notice the change: their pool compares the endpoint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
@@ -172,8 +174,9 @@ class SettingsService:
     # -- testing -----------------------------------------------------------------------------
 
     def test(self, endpoint: SmtpEndpoint) -> None:
-        """Connect with the given (unsaved) settings; raise TransportError with a safe text."""
-        check_connection(endpoint, timeout=self.timeout, guard=self.guard)
+        """Connect with the given (unsaved) settings, within the SMTP deadline (seconds, each
+        stage within its timeout); raise TransportError with a safe text."""
+        check_connection(endpoint, timeouts=self.timeouts, guard=self.guard)
 
     # -- maintenance (CLI) -------------------------------------------------------------------
 
