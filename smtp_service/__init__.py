@@ -47,7 +47,12 @@ class Services:
         self.global_endpoint = global_endpoint(config)
         self.timeouts = smtp_timeouts(config)
         self.settings = SettingsService(
-            self.files, self.box, self.guard, self.global_endpoint, self.timeouts
+            self.files,
+            self.box,
+            self.guard,
+            self.global_endpoint,
+            self.timeouts,
+            ehlo_name=config["SMTP_EHLO_NAME"],
         )
         self.senders = SenderService(self.files)
         try:
@@ -65,7 +70,12 @@ class Services:
         self.idempotency = IdempotencyStore(self.database)
         self.records = MessageRecords(self.messages, self.suppressions)
         self.pool = TransportPool(
-            functools.partial(connect, timeouts=self.timeouts, guard=self.guard),
+            functools.partial(
+                connect,
+                timeouts=self.timeouts,
+                guard=self.guard,
+                ehlo_name=config["SMTP_EHLO_NAME"],
+            ),
             size=config["SMTP_POOL_SIZE"],
             max_messages=config["SMTP_POOL_MAX_MESSAGES"],
             idle_seconds=config["SMTP_POOL_IDLE_SECONDS"],

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
+import re
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,6 +137,32 @@ def _smtp_timeouts(env: Mapping[str, str]) -> dict[str, float | None]:
     }
 
 
+# RFC 5321 4.1.2: Domain (dot-separated labels) or address-literal ("[192.0.2.1]", "[IPv6:...]")
+_EHLO_NAME = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?)*|\[(?:IPv6:)?[0-9A-Fa-f.:]+\]"
+)
+
+
+def _ehlo_name(env: Mapping[str, str]) -> str:
+    """SMTP_EHLO_NAME, or this machine's name when it is a fully qualified one (has a dot), or
+    "localhost.localdomain": a name, never an address literal worked out per connection."""
+    name = env.get("SMTP_EHLO_NAME", "").strip()
+    if name:
+        if len(name) > 255 or not _EHLO_NAME.fullmatch(name):
+            raise ConfigError(f"SMTP_EHLO_NAME must be a domain name or [address], not {name!r}")
+        return name
+    return _machine_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_name() -> str:
+    fqdn = socket.getfqdn()
+    if "." in fqdn and _EHLO_NAME.fullmatch(fqdn) and not fqdn.replace(".", "").isdigit():
+        return fqdn
+    return "localhost.localdomain"
+
+
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
     env = os.environ if env is None else env
@@ -181,6 +210,7 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SMTP_FROM": env.get("SMTP_FROM", "").strip() or None,
         "SMTP_REQUIRE_TLS": _bool(env, "SMTP_REQUIRE_TLS", True),
         **_smtp_timeouts(env),
+        "SMTP_EHLO_NAME": _ehlo_name(env),
         "SMTP_HOST_ALLOWLIST": _allowlist(env),
         "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
         "MAX_CONTENT_LENGTH": max_request,

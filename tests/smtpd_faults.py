@@ -75,6 +75,7 @@ def _received(session: Any, envelope: Any) -> Received:
         envelope.original_content or envelope.content,
         auth.login.decode() if isinstance(auth, LoginPassword) else None,
         session.ssl is not None,
+        list(envelope.mail_options),
     )
 
 

@@ -12,6 +12,12 @@ Which connection carries a message, and when one is retired, is the pool's busin
 
 from __future__ import annotations
 
+import base64
+import binascii
+import email
+import email.generator
+import email.policy
+import io
 import smtplib
 import time
 from dataclasses import dataclass
@@ -91,6 +97,42 @@ def wire_data(data: bytes) -> bytes:
     return b"".join((head, q, tail))
 
 
+# Re-serialising a parsed message: headers written as they came (no refolding, so nothing but
+# the re-encoded bodies changes), CRLF line ends.
+_AS_PARSED = email.policy.SMTP.clone(max_line_length=None)
+_UNENCODED = frozenset({"7bit", "8bit", "binary"})  # RFC 2045 section 6.1: identity encodings
+
+
+def seven_bit(data: bytes) -> bytes:
+    """The message with every body that holds 8-bit octets re-encoded in 7 bits, for a server
+    without 8BITMIME (RFC 6152 section 3; RFC 2045 section 6): a text part as quoted-printable
+    (it stays readable), any other part as base64, its Content-Transfer-Encoding changed to
+    match. Headers, the MIME structure and 7-bit parts are left as they are. bytes -> bytes,
+    never raises (a part that cannot be told apart is left alone)."""
+    message = email.message_from_bytes(data, policy=_AS_PARSED)
+    for part in message.walk():
+        raw = part.get_payload()  # as on the wire: 8-bit octets read as surrogates
+        if part.is_multipart() or not isinstance(raw, str) or raw.isascii():
+            continue
+        if part.get("Content-Transfer-Encoding", "7bit").strip().lower() not in _UNENCODED:
+            continue  # 8-bit octets inside base64 or quoted-printable: not ours to mend
+        body = part.get_payload(decode=True)  # the octets themselves
+        if part.get_content_maintype() == "text":
+            encoded = binascii.b2a_qp(body, istext=True).decode("ascii")
+            cte = "quoted-printable"
+        else:
+            encoded = base64.encodebytes(body).decode("ascii")
+            cte = "base64"
+        if "Content-Transfer-Encoding" in part:
+            part.replace_header("Content-Transfer-Encoding", cte)
+        else:
+            part["Content-Transfer-Encoding"] = cte
+        part.set_payload(encoded)
+    out = io.BytesIO()
+    email.generator.BytesGenerator(out, policy=_AS_PARSED).flatten(message)
+    return out.getvalue()
+
+
 def _text(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
 
@@ -145,7 +187,8 @@ class Session:
         connection sat idle since it was opened or last used), a connection found closed before
         the content went out raises StaleConnection instead, as does a 421 at MAIL."""
         started = time.perf_counter() if started is None else started
-        options = self._mail_options(envelope)
+        data = self._content(envelope)
+        options = self._mail_options(envelope, data)
         pipelined = self.pipelining and self.smtp.has_extn("pipelining")
         phase, content_sent = "mail", False
         try:
@@ -154,7 +197,7 @@ class Session:
             accepted, refused = self._recipients(envelope, pipelined, owed)
             phase = "data"
             self._data(pipelined, accepted, refused)
-            self.smtp.send_content(wire_data(envelope.data))
+            self.smtp.send_content(wire_data(data))
             content_sent = True  # the final dot has left: from here the server may have it
             code, reply = self.smtp.read_reply(self.smtp.timeouts.final_reply)
             if code != 250:  # the transaction is over either way; no RSET needed
@@ -178,9 +221,20 @@ class Session:
 
     # -- the steps of a transaction ------------------------------------------------------------
 
-    def _mail_options(self, envelope: Envelope) -> list[str]:
-        """MAIL FROM's parameters; SendFailed (before anything is sent) when the message needs
-        SMTPUTF8 and the server does not offer it."""
+    def _content(self, envelope: Envelope) -> bytes:
+        """The message as this server may take it: 8-bit bodies re-encoded (seven_bit) for a
+        server that does not offer 8BITMIME (RFC 6152 section 3: a client must not send 8-bit
+        octets to one). An SMTPUTF8 message is left as it is: its headers are 8-bit anyway,
+        and a server with SMTPUTF8 takes 8BITMIME too (RFC 6531 section 3.1)."""
+        data = envelope.data
+        if data.isascii() or envelope.smtputf8 or self.smtp.has_extn("8bitmime"):
+            return data
+        return seven_bit(data)
+
+    def _mail_options(self, envelope: Envelope, data: bytes) -> list[str]:
+        """MAIL FROM's parameters: SMTPUTF8 (RFC 6531), BODY=8BITMIME for 8-bit content (RFC
+        6152 section 2), SIZE (RFC 1870). SendFailed (before anything is sent) when the message
+        needs SMTPUTF8 and the server does not offer it."""
         smtp = self.smtp
         options: list[str] = []
         if envelope.smtputf8:
@@ -194,8 +248,10 @@ class Session:
                     ),
                 )
             options += ["SMTPUTF8", "BODY=8BITMIME"]
+        elif not data.isascii() and smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
         if smtp.does_esmtp and smtp.has_extn("size"):
-            options.append(f"SIZE={len(envelope.data)}")
+            options.append(f"SIZE={len(data)}")
         return options
 
     def _mail(self, envelope: Envelope, options: list[str], pipelined: bool, reused: bool) -> int:

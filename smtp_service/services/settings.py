@@ -16,6 +16,8 @@ from smtp_service.services.crypto import SecretBox, SecretError, is_encrypted
 from smtp_service.services.errors import InvalidInput
 from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused
 from smtp_service.services.transport import (
+    DEFAULT_EHLO_NAME,
+    ConnectionCheck,
     Secret,
     SmtpEndpoint,
     Timeouts,
@@ -65,6 +67,7 @@ class SettingsService:
         guard: HostGuard,
         global_endpoint: SmtpEndpoint | None,
         timeouts: Timeouts | float,
+        ehlo_name: str = DEFAULT_EHLO_NAME,
     ) -> None:
         self.files = files
         self.box = box
@@ -72,6 +75,7 @@ class SettingsService:
         self.global_endpoint = global_endpoint
         # the connection test's stage timeouts and deadline (a number: every stage that long)
         self.timeouts = timeouts if isinstance(timeouts, Timeouts) else Timeouts.uniform(timeouts)
+        self.ehlo_name = ehlo_name
         # Called with the account id after a save or delete (the sending pool drops its
         # connections); other workers notice the change: their pool compares the endpoint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
@@ -173,10 +177,13 @@ class SettingsService:
 
     # -- testing -----------------------------------------------------------------------------
 
-    def test(self, endpoint: SmtpEndpoint) -> None:
+    def test(self, endpoint: SmtpEndpoint) -> ConnectionCheck:
         """Connect with the given (unsaved) settings, within the SMTP deadline (seconds, each
-        stage within its timeout); raise TransportError with a safe text."""
-        check_connection(endpoint, timeouts=self.timeouts, guard=self.guard)
+        stage within its timeout): whether the credentials were used (a server that offers no
+        AUTH gets none) and TLS was on. Raises TransportError with a safe text."""
+        return check_connection(
+            endpoint, timeouts=self.timeouts, guard=self.guard, ehlo_name=self.ehlo_name
+        )
 
     # -- maintenance (CLI) -------------------------------------------------------------------
 
@@ -226,6 +233,7 @@ def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
 
 __all__ = [
     "ActiveSettings",
+    "ConnectionCheck",
     "SettingsService",
     "StoredSettings",
     "StoredSettingsUnusable",

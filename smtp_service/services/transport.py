@@ -161,6 +161,7 @@ class BoundedSMTP(smtplib.SMTP):
     def __init__(self, timeouts: Timeouts, deadline: float | None = None, **kwargs) -> None:
         self.timeouts = timeouts
         self.deadline = deadline
+        self.authenticated = False  # connect() sets it when AUTH succeeded
         self._buffer = bytearray()
         self._buffer_of: object = None  # the socket the buffer was filled from
         super().__init__(**kwargs)
@@ -267,17 +268,31 @@ class BoundedSMTP(smtplib.SMTP):
 
 
 class _PinnedSMTP(BoundedSMTP):
-    """SMTP that dials a checked IP while TLS still verifies the host name."""
+    """SMTP that dials checked IPs, in order, while TLS still verifies the host name."""
 
-    def __init__(self, pinned_ip: str, timeouts: Timeouts, **kwargs) -> None:
-        self._pinned_ip = pinned_ip
+    def __init__(self, pinned: list[str], timeouts: Timeouts, **kwargs) -> None:
+        self._pinned = pinned
         super().__init__(timeouts, **kwargs)
 
     def _get_socket(self, host, port, timeout):  # noqa: ANN001, ANN202 - smtplib's signature
         self._host = host  # connect() does not set it; starttls() needs it for SNI and the check
-        return socket.create_connection(
-            (self._pinned_ip, port), self.budget(self.timeouts.connect), self.source_address
-        )
+        return self._dial(port)
+
+    def _dial(self, port: int) -> socket.socket:
+        """A TCP connection to the first checked address that takes one, each tried within the
+        connect timeout and the deadline; the last address's failure when none does."""
+        failure: OSError | None = None
+        for ip in self._pinned:
+            try:
+                return socket.create_connection(
+                    (ip, port), self.budget(self.timeouts.connect), self.source_address
+                )
+            except DeadlinePassed:
+                raise
+            except OSError as exc:  # refused, unreachable, timed out: the next address
+                failure = exc
+        assert failure is not None  # HostGuard.addresses returns at least one
+        raise failure
 
 
 class _PinnedSMTPSSL(_PinnedSMTP):
@@ -286,10 +301,10 @@ class _PinnedSMTPSSL(_PinnedSMTP):
 
     default_port = smtplib.SMTP_SSL_PORT
 
-    def __init__(self, pinned_ip: str, timeouts: Timeouts, *, context: ssl.SSLContext,
+    def __init__(self, pinned: list[str], timeouts: Timeouts, *, context: ssl.SSLContext,
                  **kwargs) -> None:
         self.context = context
-        super().__init__(pinned_ip, timeouts, **kwargs)
+        super().__init__(pinned, timeouts, **kwargs)
 
     def _get_socket(self, host, port, timeout):  # noqa: ANN001, ANN202 - smtplib's signature
         sock = super()._get_socket(host, port, timeout)
@@ -351,6 +366,11 @@ def describe_failure(exc: BaseException, endpoint: SmtpEndpoint) -> TransportErr
     return TransportError(kind, _scrub(text, endpoint), code)
 
 
+# The EHLO name when the caller gives none (the app passes SMTP_EHLO_NAME, computed once at
+# start-up): never socket.getfqdn() per connection, nor an address literal that filters score.
+DEFAULT_EHLO_NAME = "localhost.localdomain"
+
+
 def connect(
     endpoint: SmtpEndpoint,
     deadline: float | None = None,
@@ -358,25 +378,36 @@ def connect(
     guard: HostGuard,
     timeouts: Timeouts | None = None,
     timeout: float | None = None,
+    ehlo_name: str = DEFAULT_EHLO_NAME,
 ) -> BoundedSMTP:
-    """An open, encrypted where possible, authenticated connection; raises TransportError.
+    """An open connection, encrypted where possible, authenticated where the server offers
+    AUTH; raises TransportError (its text holds no secret).
 
     `deadline` (time.monotonic() seconds, None: none) bounds all of it and stays on the
     connection for what follows (BoundedSMTP.deadline); `timeouts` bounds each stage (given
     `timeout` instead, in seconds, every stage has that one, as SMTP_TIMEOUT once meant).
-    secure=True is implicit TLS. Otherwise STARTTLS is used when offered; when it is not offered,
-    credentials are sent only if the endpoint does not require TLS.
+    The host is resolved once, every address checked by `guard`, and each tried in order until
+    one takes a TCP connection. EHLO (RFC 5321 4.1.1.1) names this client `ehlo_name`.
+
+    TLS: secure=True is implicit TLS (RFC 8314). Otherwise STARTTLS (RFC 3207) is used when
+    offered; when it is not offered, credentials are sent only if the endpoint does not
+    require TLS.
+    AUTH (RFC 4954): once, with the best mechanism offered (_login). A server that offers no
+    AUTH at all, such as a relay that trusts the client's address, gets none and the message
+    goes without it (as Nodemailer sends); the connection's `authenticated` says which.
     """
     if timeouts is None:
         timeouts = Timeouts() if timeout is None else Timeouts.uniform(timeout)
     conn: BoundedSMTP | None = None
     try:
-        ip = guard.resolve(endpoint.host, endpoint.port, trusted=endpoint.trusted)
+        pinned = guard.addresses(endpoint.host, endpoint.port, trusted=endpoint.trusted)
         context = tls_context()
         if endpoint.secure:
-            conn = _PinnedSMTPSSL(ip, timeouts, deadline=deadline, context=context)
+            conn = _PinnedSMTPSSL(
+                pinned, timeouts, deadline=deadline, context=context, local_hostname=ehlo_name
+            )
         else:
-            conn = _PinnedSMTP(ip, timeouts, deadline=deadline)
+            conn = _PinnedSMTP(pinned, timeouts, deadline=deadline, local_hostname=ehlo_name)
         code, greeting = conn.connect(endpoint.host, endpoint.port)
         if code != 220:  # e.g. "421 Too many connections": say so, with the server's words
             raise smtplib.SMTPConnectError(code, greeting)
@@ -391,8 +422,9 @@ def connect(
                     f"Server {endpoint.host}:{endpoint.port} does not offer STARTTLS "
                     "and TLS is required; no credentials were sent",
                 )
-        if endpoint.user and endpoint.password:
+        if endpoint.user and endpoint.password and conn.has_extn("auth"):
             _login(conn, endpoint.user, endpoint.password.reveal())
+            conn.authenticated = True
         return conn
     except BaseException as exc:
         if conn is not None:
@@ -410,21 +442,48 @@ def _still_talking(exc: BaseException) -> bool:
     return isinstance(exc, TransportError)
 
 
-def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
-    """AUTH with smtplib's choice of mechanism; non-ASCII credentials (which smtplib can only
-    encode as ASCII) go as AUTH PLAIN in UTF-8, as RFC 4616 defines it."""
-    if user.isascii() and password.isascii():
-        conn.login(user, password)
-        return
+# An AUTH PLAIN initial response longer than this goes after the server's empty challenge
+# instead (RFC 4954 section 4): some servers limit a command line to 512 octets.
+_INITIAL_RESPONSE_LIMIT = 400
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _login(conn: BoundedSMTP, user: str, password: str) -> None:
+    """AUTH once, with the best mechanism the server offers (RFC 4954): PLAIN (RFC 4616),
+    else LOGIN; user name and password in UTF-8 either way (as Nodemailer sends them and
+    Exchange takes them). smtplib.login is not used: it tries every offered mechanism in turn,
+    so a wrong password costs two attempts, each delayed by servers that slow failures down;
+    here a 535 is final.
+
+    Raises SMTPAuthenticationError with the server's reply, or TransportError ("auth") when
+    the server offers neither PLAIN nor LOGIN."""
     offered = conn.esmtp_features.get("auth", "").upper().split()
-    if "PLAIN" not in offered:
+    if "PLAIN" in offered:
+        token = _b64(b"\0" + user.encode() + b"\0" + password.encode())
+        if len(token) <= _INITIAL_RESPONSE_LIMIT:
+            code, reply = conn.docmd("AUTH", "PLAIN " + token)
+        else:
+            code, reply = conn.docmd("AUTH", "PLAIN")
+            if code == 334:
+                code, reply = conn.docmd(token)
+    elif "LOGIN" in offered:
+        code, reply = conn.docmd("AUTH", "LOGIN")
+        if code == 334:
+            code, reply = conn.docmd(_b64(user.encode()))
+        if code == 334:
+            code, reply = conn.docmd(_b64(password.encode()))
+    else:
+        mechanisms = " ".join(offered) or "without a mechanism"
         raise TransportError(
             "auth",
-            "Authentication failed (the server does not offer AUTH PLAIN, which a user name "
-            "or password with non-ASCII characters needs)",
+            f"Authentication failed (the server offers AUTH {mechanisms}; "
+            "this service uses PLAIN or LOGIN)",
         )
-    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode()).decode()
-    code, reply = conn.docmd("AUTH", "PLAIN " + token)
+    if code == 334:  # yet another challenge: cancel the exchange (RFC 4954 section 4)
+        conn.docmd("*")
     if code != 235:
         raise smtplib.SMTPAuthenticationError(code, reply)
 
@@ -461,17 +520,30 @@ def close_quietly(conn: smtplib.SMTP, *, polite: bool = True) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class ConnectionCheck:
+    """What a connection test found: whether the credentials were used (False: the server
+    offers no AUTH, as relays that trust the client's address do) and whether TLS was on."""
+
+    authenticated: bool
+    tls: bool
+
+
 def check_connection(
     endpoint: SmtpEndpoint,
     *,
     guard: HostGuard,
     timeouts: Timeouts | None = None,
     timeout: float | None = None,
-) -> None:
-    """Connect, negotiate TLS, authenticate and QUIT, all within `timeouts.operation` seconds
-    (each stage within its own timeout; `timeout` as for connect()); raise TransportError on
-    any failure."""
+    ehlo_name: str = DEFAULT_EHLO_NAME,
+) -> ConnectionCheck:
+    """Connect, negotiate TLS, authenticate (when the server offers AUTH) and QUIT, all within
+    `timeouts.operation` seconds (each stage within its own timeout; `timeout` and `ehlo_name`
+    as for connect()). Raises TransportError on any failure."""
     if timeouts is None:
         timeouts = Timeouts() if timeout is None else Timeouts.uniform(timeout)
     deadline = time.monotonic() + timeouts.operation
-    close_quietly(connect(endpoint, deadline, guard=guard, timeouts=timeouts))
+    conn = connect(endpoint, deadline, guard=guard, timeouts=timeouts, ehlo_name=ehlo_name)
+    found = ConnectionCheck(conn.authenticated, isinstance(conn.sock, ssl.SSLSocket))
+    close_quietly(conn)
+    return found
