@@ -21,7 +21,7 @@ from smtp_service.services.pool import TransportPool
 from smtp_service.services.records import MessageRecords
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
-from smtp_service.services.transport import Secret, SmtpEndpoint, connect
+from smtp_service.services.transport import Secret, SmtpEndpoint, Timeouts, connect
 from smtp_service.storage.database import Database, DatabaseError
 from smtp_service.storage.files import AccountFiles
 from smtp_service.storage.idempotency import IdempotencyStore
@@ -45,8 +45,14 @@ class Services:
         self.guard = HostGuard(tuple(config["SMTP_HOST_ALLOWLIST"]))
         self.files = AccountFiles(self.data_dir)
         self.global_endpoint = global_endpoint(config)
+        self.timeouts = smtp_timeouts(config)
         self.settings = SettingsService(
-            self.files, self.box, self.guard, self.global_endpoint, config["SMTP_TIMEOUT"]
+            self.files,
+            self.box,
+            self.guard,
+            self.global_endpoint,
+            self.timeouts,
+            ehlo_name=config["SMTP_EHLO_NAME"],
         )
         self.senders = SenderService(self.files)
         try:
@@ -64,7 +70,12 @@ class Services:
         self.idempotency = IdempotencyStore(self.database)
         self.records = MessageRecords(self.messages, self.suppressions)
         self.pool = TransportPool(
-            functools.partial(connect, timeout=config["SMTP_TIMEOUT"], guard=self.guard),
+            functools.partial(
+                connect,
+                timeouts=self.timeouts,
+                guard=self.guard,
+                ehlo_name=config["SMTP_EHLO_NAME"],
+            ),
             size=config["SMTP_POOL_SIZE"],
             max_messages=config["SMTP_POOL_MAX_MESSAGES"],
             idle_seconds=config["SMTP_POOL_IDLE_SECONDS"],
@@ -90,6 +101,7 @@ class Services:
             global_from=config["SMTP_FROM"] or None,
             max_message_bytes=config["MAX_MESSAGE_BYTES"],
             max_recipients=config["MAX_RECIPIENTS"],
+            deadline_seconds=self.timeouts.operation,
             transaction=self.database.write,
         )
 
@@ -100,6 +112,16 @@ class Services:
                 return True
         except OSError:
             return False
+
+
+def smtp_timeouts(config: Mapping[str, Any]) -> Timeouts:
+    """The SMTP stage timeouts and the operation deadline, in seconds, from the config."""
+    return Timeouts(
+        connect=config["SMTP_CONNECT_TIMEOUT"],
+        command=config["SMTP_COMMAND_TIMEOUT"],
+        final_reply=config["SMTP_FINAL_REPLY_TIMEOUT"],
+        operation=config["SMTP_DEADLINE"],
+    )
 
 
 def global_endpoint(config: Mapping[str, Any]) -> SmtpEndpoint | None:

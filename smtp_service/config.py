@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
+import re
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -182,6 +185,46 @@ def _database_url(env: Mapping[str, str], data_dir: str) -> str:
     return url
 
 
+def _smtp_timeouts(env: Mapping[str, str]) -> dict[str, float | None]:
+    """Seconds per stage of an SMTP conversation and for a whole operation (README, "SMTP
+    timeouts"). SMTP_TIMEOUT, the one timeout of old, is still the default of the connect and
+    command timeouts where a deployment sets it."""
+    legacy = _float(env, "SMTP_TIMEOUT", 0.0, 0.1, 300.0) or None
+    return {
+        "SMTP_TIMEOUT": legacy,
+        "SMTP_CONNECT_TIMEOUT": _float(env, "SMTP_CONNECT_TIMEOUT", legacy or 10.0, 0.1, 300.0),
+        "SMTP_COMMAND_TIMEOUT": _float(env, "SMTP_COMMAND_TIMEOUT", legacy or 30.0, 0.1, 600.0),
+        "SMTP_FINAL_REPLY_TIMEOUT": _float(env, "SMTP_FINAL_REPLY_TIMEOUT", 120.0, 0.1, 1200.0),
+        "SMTP_DEADLINE": _float(env, "SMTP_DEADLINE", 150.0, 0.5, 3600.0),
+    }
+
+
+# RFC 5321 4.1.2: Domain (dot-separated labels) or address-literal ("[192.0.2.1]", "[IPv6:...]")
+_EHLO_NAME = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?)*|\[(?:IPv6:)?[0-9A-Fa-f.:]+\]"
+)
+
+
+def _ehlo_name(env: Mapping[str, str]) -> str:
+    """SMTP_EHLO_NAME, or this machine's name when it is a fully qualified one (has a dot), or
+    "localhost.localdomain": a name, never an address literal worked out per connection."""
+    name = env.get("SMTP_EHLO_NAME", "").strip()
+    if name:
+        if len(name) > 255 or not _EHLO_NAME.fullmatch(name):
+            raise ConfigError(f"SMTP_EHLO_NAME must be a domain name or [address], not {name!r}")
+        return name
+    return _machine_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_name() -> str:
+    fqdn = socket.getfqdn()
+    if "." in fqdn and _EHLO_NAME.fullmatch(fqdn) and not fqdn.replace(".", "").isdigit():
+        return fqdn
+    return "localhost.localdomain"
+
+
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
     env = os.environ if env is None else env
@@ -235,7 +278,8 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SMTP_PASS": env.get("SMTP_PASS", "") or None,
         "SMTP_FROM": env.get("SMTP_FROM", "").strip() or None,
         "SMTP_REQUIRE_TLS": _bool(env, "SMTP_REQUIRE_TLS", True),
-        "SMTP_TIMEOUT": _float(env, "SMTP_TIMEOUT", 10.0, 0.1, 300.0),
+        **_smtp_timeouts(env),
+        "SMTP_EHLO_NAME": _ehlo_name(env),
         "SMTP_HOST_ALLOWLIST": _allowlist(env),
         "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
         "MAX_CONTENT_LENGTH": max_request,

@@ -22,6 +22,7 @@ class Received:
     data: bytes
     auth_login: str | None
     tls: bool
+    mail_options: list[str] = field(default_factory=list)  # MAIL FROM's parameters
 
     @property
     def message(self) -> Message:
@@ -42,14 +43,30 @@ class RecordingHandler:
     # RCPT replies by the recipient's local part (prefix match, "" matches every recipient),
     # tried before the bad*/later* defaults: {"carol": "552 5.2.2 Mailbox full"}.
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    # EHLO: extensions left out of the reply ({"AUTH", "8BITMIME"}), the AUTH line's mechanisms
+    # as shown ("LOGIN XOAUTH2"; SmtpServer's auth_mechanisms decides what works), and the
+    # names clients gave.
+    ehlo_hidden: set[str] = field(default_factory=set)
+    ehlo_auth: str | None = None
+    ehlo_names: list[str] = field(default_factory=list)
 
     async def handle_EHLO(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        with self.lock:
+            self.ehlo_names.append(hostname)
         if self.pipelining:
             responses.insert(len(responses) - 1, "250-PIPELINING")
-        return responses
+        shown = []
+        for line in responses:
+            keyword = line[4:].split(" ", 1)[0].upper()
+            if keyword in self.ehlo_hidden:
+                continue
+            if keyword == "AUTH" and self.ehlo_auth is not None:
+                line = f"{line[:4]}AUTH {self.ehlo_auth}"
+            shown.append(line)
+        return shown
 
     async def handle_MAIL(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -93,6 +110,7 @@ class RecordingHandler:
                     envelope.original_content or envelope.content,
                     login,
                     session.ssl is not None,
+                    list(envelope.mail_options),
                 )
             )
         return "250 OK"
@@ -112,6 +130,7 @@ class SmtpServer:
         smtputf8: bool = True,
         pipelining: bool = False,
         hostname: str = "127.0.0.1",
+        auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN"),
     ) -> None:
         self.mode = mode
         self.hostname = hostname  # the loopback address it listens on (::1 for IPv6)
@@ -119,7 +138,9 @@ class SmtpServer:
         self.handler = handler or RecordingHandler()
         self.handler.pipelining = pipelining
         self.auth_attempts: list[tuple[str, bool]] = []
-        kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
+        self.auth_mechanisms_used: list[str] = []  # per attempt, the mechanism the client chose
+        excluded = [m for m in ("LOGIN", "PLAIN") if m not in auth_mechanisms]
+        kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8, "auth_exclude_mechanism": excluded}
         if self.users:
             kwargs.update(
                 authenticator=self._authenticate,
@@ -148,6 +169,7 @@ class SmtpServer:
         login = auth_data.login.decode()
         ok = self.users.get(login) == auth_data.password.decode()
         self.auth_attempts.append((login, ok))
+        self.auth_mechanisms_used.append(mechanism)
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
     @property

@@ -75,6 +75,7 @@ def _received(session: Any, envelope: Any) -> Received:
         envelope.original_content or envelope.content,
         auth.login.decode() if isinstance(auth, LoginPassword) else None,
         session.ssl is not None,
+        list(envelope.mail_options),
     )
 
 
@@ -427,3 +428,61 @@ def _self_signed_pem(name: str) -> bytes:
         serialization.NoEncryption(),
     )
     return key_pem + cert.public_bytes(serialization.Encoding.PEM)
+
+
+class ScriptedServer:
+    """A TCP server on loopback that runs `script(sock)` for each connection, in a thread of its
+    own: for behaviour no SMTP library produces on purpose (an endless greeting, continuation
+    lines trickled for ever). `connections` counts them; stop() closes every socket."""
+
+    def __init__(self, script: Callable[[Any], None]) -> None:
+        import socket
+
+        self.script = script
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self._listener.settimeout(0.1)
+        self._stop = threading.Event()
+        self._open: list[Any] = []
+        self.connections = 0
+        self.mode = "plain"  # what conftest.settings_body asks
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._listener.getsockname()[1]
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called: scripts that loop check it."""
+        return self._stop.is_set()
+
+    def start(self) -> ScriptedServer:
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(sock)
+            threading.Thread(target=self._run, args=(sock,), daemon=True).start()
+
+    def _run(self, sock: Any) -> None:
+        try:
+            self.script(sock)
+        except OSError:  # the client hung up: that is what these servers are for
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+        for sock in self._open:
+            sock.close()

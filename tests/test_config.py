@@ -19,7 +19,7 @@ def test_defaults():
     config = load_config(OK)
     assert config["JWT_ALGORITHM"] == "HS256" and config["JWT_ACCOUNT_CLAIM"] == "accountId"
     assert config["SMTP_PORT"] == 587 and config["SMTP_SECURE"] is False
-    assert config["SMTP_TIMEOUT"] == 10.0 and config["SMTP_REQUIRE_TLS"] is True
+    assert config["SMTP_COMMAND_TIMEOUT"] == 30.0 and config["SMTP_REQUIRE_TLS"] is True
     assert config["SMTP_POOL_SIZE"] == 3 and config["MAX_RECIPIENTS"] == 50
     assert config["PUBLIC_BASE_URL"] == "http://127.0.0.1:8000"
     assert config["LOG_LEVEL"] == "INFO"

@@ -72,6 +72,13 @@ class ConnectionTestResponse(Schema):
     success = fields.Boolean(required=True)
     message = fields.String()
     error = fields.String()
+    authenticated = fields.Boolean(
+        metadata={
+            "description": "Present (false) on success when the credentials were not used: "
+            "the server offers no AUTH (a relay that trusts the client's address), and mail "
+            "is sent without authentication."
+        }
+    )
 
 
 class ErrorResponse(Schema):

@@ -47,6 +47,9 @@ __all__ = ["Attachment", "Mailer", "OpenTracker", "Route", "SendRequest", "SendR
 log = logging.getLogger(__name__)
 
 GLOBAL_KEY = "__global__"  # not a valid account id, so it cannot collide with one
+# Seconds beyond the send deadline before a pending Idempotency-Key claim counts as abandoned:
+# parsing, building the message and the database writes around the send.
+ABANDON_MARGIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Mailer:
         global_from: str | None,
         max_message_bytes: int,
         max_recipients: int,
+        deadline_seconds: float = 150.0,
         transaction: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
         self.settings = settings
@@ -114,6 +118,11 @@ class Mailer:
         self.global_from = global_from
         self.max_message_bytes = max_message_bytes
         self.max_recipients = max_recipients
+        # Every send ends within this (SMTP_DEADLINE): so a claim on an Idempotency-Key still
+        # pending this long after it was made, plus a margin for building and recording the
+        # message, belongs to a request that died, and a retry may take it over.
+        self.deadline_seconds = deadline_seconds
+        self.abandoned_seconds = int(deadline_seconds + ABANDON_MARGIN_SECONDS) + 1
         self.transaction = transaction  # writes inside it commit together (Database.write)
         self.storage_failures = 0  # writes that failed after the server took a message
 
@@ -165,7 +174,12 @@ class Mailer:
         self._check_counts(request)
         if idempotency_key is None:
             return self._send(account_id, request)
-        state, stored = self.idempotency.claim(account_id, idempotency_key, request.digest())
+        state, stored = self.idempotency.claim(
+            account_id,
+            idempotency_key,
+            request.digest(),
+            abandoned_seconds=self.abandoned_seconds,
+        )
         if state == "replay":
             return SendResult.from_dict(stored or {})
         if state == "conflict":
@@ -275,8 +289,11 @@ class Mailer:
             "transport": route.name,
             "tracking": tracking,
         }
+        deadline = time.monotonic() + self.deadline_seconds
         try:
-            delivery = self.pool.send(route.pool_account, route.endpoint, envelope)
+            delivery = self.pool.send(
+                route.pool_account, route.endpoint, envelope, deadline=deadline
+            )
         except SendFailed as exc:
             return self._failed(
                 account_id, route, exc, record, (time.perf_counter() - started) * 1000, key

@@ -95,6 +95,13 @@ class HostGuard:
         Every address the name resolves to must be allowed: a name with one public and one
         private address is refused, so that a later resolution cannot pick the private one.
         """
+        return self.addresses(host, port, trusted=trusted)[0]
+
+    def addresses(self, host: str, port: int, *, trusted: bool = False) -> list[str]:
+        """Resolve once and return every IP to try, in the resolver's order, without repeats
+        (a name whose first answer is unreachable, often an IPv6 one, still connects through
+        the next); each one checked as resolve() checks them. Raises HostRefused or
+        HostUnresolved."""
         if host.startswith("[") and host.endswith("]"):  # a URL-style IPv6 literal
             host = host[1:-1]
         try:
@@ -108,7 +115,7 @@ class HostGuard:
             for ip in addresses:
                 if not (is_public(ip) or self._allowed(host, ip)):
                     raise HostRefused()
-        return str(addresses[0])
+        return list(dict.fromkeys(str(ip) for ip in addresses))
 
     def check(self, host: str, port: int) -> None:
         """Refuse a host whose resolved addresses are not allowed; a name that does not resolve

@@ -15,7 +15,6 @@ The SMTP transaction itself (pipelining, RSET, dot-stuffing) is session.py's.
 from __future__ import annotations
 
 import logging
-import smtplib
 import threading
 import time
 from collections import OrderedDict
@@ -23,13 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smtp_service.services.session import Delivery, Envelope, SendFailed, Session, StaleConnection
-from smtp_service.services.transport import SmtpEndpoint, TransportError
+from smtp_service.services.transport import BoundedSMTP, SmtpEndpoint, TransportError
 
 __all__ = ["Connect", "Delivery", "Envelope", "SendFailed", "TransportPool"]
 
 log = logging.getLogger(__name__)
 
-Connect = Callable[[SmtpEndpoint], smtplib.SMTP]
+# transport.connect with its guard and timeouts bound: (endpoint, deadline) -> a connection
+Connect = Callable[[SmtpEndpoint, float | None], BoundedSMTP]
 
 
 @dataclass
@@ -60,8 +60,8 @@ class _Conn:
 class TransportPool:
     """Per-account pools of SMTP sessions, safe to use from many threads.
 
-    `connect(endpoint)` opens an authenticated smtplib.SMTP or raises TransportError (for
-    example transport.connect with its timeout and host guard bound). Limits: `size` connections
+    `connect(endpoint, deadline)` opens an authenticated BoundedSMTP or raises TransportError
+    (transport.connect with its timeouts and host guard bound). Limits: `size` connections
     per account (0: a new connection per message, closed after it), `max_messages` messages per
     connection, `idle_seconds` unused and `max_lifetime` seconds old, `max_accounts` accounts
     kept (least recently used idle ones retired beyond), NOOP before reusing a connection idle for
@@ -110,26 +110,35 @@ class TransportPool:
 
     # -- public ------------------------------------------------------------------------------
 
-    def send(self, account_id: str, endpoint: SmtpEndpoint, envelope: Envelope) -> Delivery:
+    def send(
+        self,
+        account_id: str,
+        endpoint: SmtpEndpoint,
+        envelope: Envelope,
+        *,
+        deadline: float | None = None,
+    ) -> Delivery:
         """Deliver one envelope through a pooled session to `endpoint`, kept for `account_id`.
 
-        Returns the session's Delivery (`duration_ms` counts from this call, waiting for a
-        connection included). Raises SendFailed: phase "connect" when no connection could be
-        opened or none became free within `acquire_timeout` seconds (`transport.kind`
-        "timeout"); otherwise as Session.transact. A reused connection found dead before the
-        content went out is replaced once, invisibly (counted as "retried")."""
+        `deadline` (time.monotonic() seconds; None: none) bounds all of it: the wait for a
+        connection, opening one, and every reply of the transaction. Returns the session's
+        Delivery (`duration_ms` counts from this call, waiting for a connection included).
+        Raises SendFailed: phase "connect" when no connection could be opened or none became
+        free within `acquire_timeout` seconds or the deadline (`transport.kind` "timeout");
+        otherwise as Session.transact. A reused connection found dead before the content went
+        out is replaced once, invisibly (counted as "retried")."""
         started = time.perf_counter()
         if self.size <= 0:
-            conn = self._open(endpoint)
+            conn = self._open(endpoint, deadline=deadline)
             try:
                 return conn.session.transact(envelope, started=started)
             finally:
                 conn.session.close()
         try:
-            return self._send_once(account_id, endpoint, envelope, started, fresh=False)
+            return self._send_once(account_id, endpoint, envelope, started, False, deadline)
         except StaleConnection:
             self._bump("retried")
-            return self._send_once(account_id, endpoint, envelope, started, fresh=True)
+            return self._send_once(account_id, endpoint, envelope, started, True, deadline)
 
     def forget(self, account_id: str) -> None:
         """Close the account's idle connections (its settings changed or went away); those in
@@ -170,9 +179,11 @@ class TransportPool:
         envelope: Envelope,
         started: float,
         fresh: bool,
+        deadline: float | None,
     ) -> Delivery:
-        conn = self._acquire(account_id, endpoint, fresh=fresh)
+        conn = self._acquire(account_id, endpoint, fresh=fresh, deadline=deadline)
         session = conn.session
+        session.smtp.deadline = deadline
         try:
             if conn.reused and self._clock() - conn.last_used >= self.noop_after:
                 session.check_alive()
@@ -183,13 +194,16 @@ class TransportPool:
             session.healthy = False  # StaleConnection, or interrupted mid-transaction
             raise
         finally:
+            session.smtp.deadline = None
             self._release(conn)
 
     # -- connections -------------------------------------------------------------------------
 
-    def _open(self, endpoint: SmtpEndpoint, slot: _Slot | None = None) -> _Conn:
+    def _open(
+        self, endpoint: SmtpEndpoint, slot: _Slot | None = None, deadline: float | None = None
+    ) -> _Conn:
         try:
-            smtp = self._connect(endpoint)
+            smtp = self._connect(endpoint, deadline)
         except TransportError as exc:
             raise SendFailed("connect", transport=exc) from None
         now = self._clock()
@@ -204,9 +218,18 @@ class TransportPool:
             or conn.sent >= self.max_messages
         )
 
-    def _acquire(self, account_id: str, endpoint: SmtpEndpoint, fresh: bool = False) -> _Conn:
+    def _acquire(
+        self,
+        account_id: str,
+        endpoint: SmtpEndpoint,
+        fresh: bool = False,
+        deadline: float | None = None,
+    ) -> _Conn:
         stale: list[_Conn] = []  # closed (QUIT) after the lock is released
+        opening = deadline
         deadline = time.monotonic() + self.acquire_timeout
+        if opening is not None:
+            deadline = min(deadline, opening)
         timed_out = False
         with self._lock:
             slot = self._slot(account_id, endpoint, stale)
@@ -253,7 +276,7 @@ class TransportPool:
         if conn is not None:
             return conn
         try:
-            return self._open(endpoint, slot)
+            return self._open(endpoint, slot, opening)
         except BaseException:
             with self._lock:
                 slot.open -= 1

@@ -3,20 +3,27 @@
 With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write; a refused transaction
 ends with RSET (RFC 5321 4.1.1.5) so the connection can carry the next one; the content is sent
 with its line ends made CRLF and leading dots doubled (RFC 5321 4.5.2). A failure is a
-SendFailed (nothing delivered, or perhaps delivered when the content had gone out: `uncertain`),
-or a StaleConnection when a reused connection was dead before any content went out (nothing can
-have been delivered: the caller may try a fresh connection).
+SendFailed (nothing delivered, or perhaps delivered once the final dot had gone out:
+`uncertain`), or a StaleConnection when a reused connection was dead before any content went
+out (nothing can have been delivered: the caller may try a fresh connection).
 
 Which connection carries a message, and when one is retired, is the pool's business (pool.py).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import email
+import email.generator
+import email.policy
+import io
 import smtplib
 import time
 from dataclasses import dataclass
 
 from smtp_service.services.transport import (
+    BoundedSMTP,
     SmtpEndpoint,
     TransportError,
     close_quietly,
@@ -49,8 +56,10 @@ class Delivery:
 
 class SendFailed(Exception):
     """Nothing was delivered. Either the server refused (code/reply, or per-recipient `refused`)
-    or the connection failed (`transport`). `uncertain` is true when the content had been sent
-    before the failure, so the server may still deliver it."""
+    or the connection failed (`transport`). `uncertain` is true when the whole content, final
+    dot included, had been sent before the failure, so the server may still deliver it; a
+    failure before the final dot left is certain (without it the server takes nothing, RFC 5321
+    section 4.1.1.4)."""
 
     def __init__(
         self,
@@ -88,6 +97,42 @@ def wire_data(data: bytes) -> bytes:
     return b"".join((head, q, tail))
 
 
+# Re-serialising a parsed message: headers written as they came (no refolding, so nothing but
+# the re-encoded bodies changes), CRLF line ends.
+_AS_PARSED = email.policy.SMTP.clone(max_line_length=None)
+_UNENCODED = frozenset({"7bit", "8bit", "binary"})  # RFC 2045 section 6.1: identity encodings
+
+
+def seven_bit(data: bytes) -> bytes:
+    """The message with every body that holds 8-bit octets re-encoded in 7 bits, for a server
+    without 8BITMIME (RFC 6152 section 3; RFC 2045 section 6): a text part as quoted-printable
+    (it stays readable), any other part as base64, its Content-Transfer-Encoding changed to
+    match. Headers, the MIME structure and 7-bit parts are left as they are. bytes -> bytes,
+    never raises (a part that cannot be told apart is left alone)."""
+    message = email.message_from_bytes(data, policy=_AS_PARSED)
+    for part in message.walk():
+        raw = part.get_payload()  # as on the wire: 8-bit octets read as surrogates
+        if part.is_multipart() or not isinstance(raw, str) or raw.isascii():
+            continue
+        if part.get("Content-Transfer-Encoding", "7bit").strip().lower() not in _UNENCODED:
+            continue  # 8-bit octets inside base64 or quoted-printable: not ours to mend
+        body = part.get_payload(decode=True)  # the octets themselves
+        if part.get_content_maintype() == "text":
+            encoded = binascii.b2a_qp(body, istext=True).decode("ascii")
+            cte = "quoted-printable"
+        else:
+            encoded = base64.encodebytes(body).decode("ascii")
+            cte = "base64"
+        if "Content-Transfer-Encoding" in part:
+            part.replace_header("Content-Transfer-Encoding", cte)
+        else:
+            part["Content-Transfer-Encoding"] = cte
+        part.set_payload(encoded)
+    out = io.BytesIO()
+    email.generator.BytesGenerator(out, policy=_AS_PARSED).flatten(message)
+    return out.getvalue()
+
+
 def _text(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
 
@@ -95,10 +140,14 @@ def _text(reply: bytes | str) -> str:
 class Session:
     """An open, authenticated SMTP connection (from transport.connect) that carries one
     transaction at a time. `healthy` turns false when a failure, a 421 or a failed RSET means
-    it must not carry another; whoever holds it then closes it."""
+    it must not carry another; whoever holds it then closes it.
+
+    Every wait is bounded by the connection's timeouts (transport.Timeouts: the command timeout
+    for each reply and write, the final-reply timeout for the reply to the final dot) and by
+    `smtp.deadline`, which the holder sets for each operation."""
 
     def __init__(
-        self, smtp: smtplib.SMTP, endpoint: SmtpEndpoint, *, pipelining: bool = True
+        self, smtp: BoundedSMTP, endpoint: SmtpEndpoint, *, pipelining: bool = True
     ) -> None:
         self.smtp = smtp
         self.endpoint = endpoint  # for error texts (host:port, the password scrubbed)
@@ -109,8 +158,8 @@ class Session:
         """NOOP (RFC 5321 4.1.1.9) on a connection that sat idle, before it carries a message.
 
         Raises StaleConnection when the server hung up or answers other than 250, SendFailed
-        (phase "mail", `transport` set) on another failure such as a timeout (the SMTP timeout
-        of transport.connect, in seconds); either way the session is no longer healthy."""
+        (phase "mail", `transport` set) on another failure such as a timeout (the command
+        timeout, or the deadline); either way the session is no longer healthy."""
         try:
             code, _ = self.smtp.noop()
             if code != 250:
@@ -132,11 +181,14 @@ class Session:
         Raises SendFailed: a refusal (MAIL, every RCPT, DATA or the content refused; the
         connection stays healthy unless the reply was 421 or RSET failed, RFC 5321 4.1.1.5),
         a message that needs SMTPUTF8 on a server without it (nothing sent), or a connection
-        failure (`transport`; `uncertain` when the content had gone out). When `reused` (the
+        failure or timeout (`transport`; `uncertain` only once the final dot had gone out).
+        The reply to the final dot is awaited for the final-reply timeout (RFC 5321 4.5.3.2.6:
+        content filters answer late), every other reply for the command timeout. When `reused` (the
         connection sat idle since it was opened or last used), a connection found closed before
         the content went out raises StaleConnection instead, as does a 421 at MAIL."""
         started = time.perf_counter() if started is None else started
-        options = self._mail_options(envelope)
+        data = self._content(envelope)
+        options = self._mail_options(envelope, data)
         pipelined = self.pipelining and self.smtp.has_extn("pipelining")
         phase, content_sent = "mail", False
         try:
@@ -145,9 +197,9 @@ class Session:
             accepted, refused = self._recipients(envelope, pipelined, owed)
             phase = "data"
             self._data(pipelined, accepted, refused)
-            content_sent = True
-            self.smtp.send(wire_data(envelope.data))
-            code, reply = self.smtp.getreply()
+            self.smtp.send_content(wire_data(data))
+            content_sent = True  # the final dot has left: from here the server may have it
+            code, reply = self.smtp.read_reply(self.smtp.timeouts.final_reply)
             if code != 250:  # the transaction is over either way; no RSET needed
                 self.healthy = code != 421
                 raise _refused_message(code, reply, accepted, refused)
@@ -169,9 +221,20 @@ class Session:
 
     # -- the steps of a transaction ------------------------------------------------------------
 
-    def _mail_options(self, envelope: Envelope) -> list[str]:
-        """MAIL FROM's parameters; SendFailed (before anything is sent) when the message needs
-        SMTPUTF8 and the server does not offer it."""
+    def _content(self, envelope: Envelope) -> bytes:
+        """The message as this server may take it: 8-bit bodies re-encoded (seven_bit) for a
+        server that does not offer 8BITMIME (RFC 6152 section 3: a client must not send 8-bit
+        octets to one). An SMTPUTF8 message is left as it is: its headers are 8-bit anyway,
+        and a server with SMTPUTF8 takes 8BITMIME too (RFC 6531 section 3.1)."""
+        data = envelope.data
+        if data.isascii() or envelope.smtputf8 or self.smtp.has_extn("8bitmime"):
+            return data
+        return seven_bit(data)
+
+    def _mail_options(self, envelope: Envelope, data: bytes) -> list[str]:
+        """MAIL FROM's parameters: SMTPUTF8 (RFC 6531), BODY=8BITMIME for 8-bit content (RFC
+        6152 section 2), SIZE (RFC 1870). SendFailed (before anything is sent) when the message
+        needs SMTPUTF8 and the server does not offer it."""
         smtp = self.smtp
         options: list[str] = []
         if envelope.smtputf8:
@@ -185,8 +248,10 @@ class Session:
                     ),
                 )
             options += ["SMTPUTF8", "BODY=8BITMIME"]
+        elif not data.isascii() and smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
         if smtp.does_esmtp and smtp.has_extn("size"):
-            options.append(f"SIZE={len(envelope.data)}")
+            options.append(f"SIZE={len(data)}")
         return options
 
     def _mail(self, envelope: Envelope, options: list[str], pipelined: bool, reused: bool) -> int:

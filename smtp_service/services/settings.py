@@ -17,8 +17,11 @@ from smtp_service.services.errors import InvalidInput
 from smtp_service.services.hostnames import InvalidHost, normalise_host
 from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused
 from smtp_service.services.transport import (
+    DEFAULT_EHLO_NAME,
+    ConnectionCheck,
     Secret,
     SmtpEndpoint,
+    Timeouts,
     TransportError,
     check_connection,
 )
@@ -68,13 +71,16 @@ class SettingsService:
         box: SecretBox,
         guard: HostGuard,
         global_endpoint: SmtpEndpoint | None,
-        timeout: float,
+        timeouts: Timeouts | float,
+        ehlo_name: str = DEFAULT_EHLO_NAME,
     ) -> None:
         self.files = files
         self.box = box
         self.guard = guard
         self.global_endpoint = global_endpoint
-        self.timeout = timeout
+        # the connection test's stage timeouts and deadline (a number: every stage that long)
+        self.timeouts = timeouts if isinstance(timeouts, Timeouts) else Timeouts.uniform(timeouts)
+        self.ehlo_name = ehlo_name
         # Called with the account id after a save or delete (the sending pool drops its
         # connections); other workers notice the change: their pool compares the endpoint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
@@ -183,9 +189,13 @@ class SettingsService:
 
     # -- testing -----------------------------------------------------------------------------
 
-    def test(self, endpoint: SmtpEndpoint) -> None:
-        """Connect with the given (unsaved) settings; raise TransportError with a safe text."""
-        check_connection(endpoint, timeout=self.timeout, guard=self.guard)
+    def test(self, endpoint: SmtpEndpoint) -> ConnectionCheck:
+        """Connect with the given (unsaved) settings, within the SMTP deadline (seconds, each
+        stage within its timeout): whether the credentials were used (a server that offers no
+        AUTH gets none) and TLS was on. Raises TransportError with a safe text."""
+        return check_connection(
+            endpoint, timeouts=self.timeouts, guard=self.guard, ehlo_name=self.ehlo_name
+        )
 
     # -- maintenance (CLI) -------------------------------------------------------------------
 
@@ -260,6 +270,7 @@ def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
 
 __all__ = [
     "ActiveSettings",
+    "ConnectionCheck",
     "ReencryptReport",
     "SettingsService",
     "StoredSettings",

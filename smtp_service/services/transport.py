@@ -1,5 +1,11 @@
 """smtplib connections: implicit TLS or STARTTLS with verified certificates, pinned addresses,
-bounded timeouts, and failures turned into texts that say what broke and never hold a secret."""
+bounded timeouts, and failures turned into texts that say what broke and never hold a secret.
+
+Every stage has its own timeout (RFC 5321 section 4.5.3.2: connect, the greeting and each
+command's reply, the reply to the final dot) and a whole operation (a send, a connection test)
+has a deadline; a reply is read by this module, not smtplib, with a limit on its lines and bytes,
+so a server that trickles continuation lines or sends an endless greeting is cut off.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import os
 import smtplib
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from smtp_service.services.netguard import HostGuard, HostRefused, HostUnresolved
@@ -94,28 +101,214 @@ def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-class _PinnedSMTP(smtplib.SMTP):
-    """SMTP that dials a checked IP while TLS still verifies the host name."""
+@dataclass(frozen=True)
+class Timeouts:
+    """How long each stage of an SMTP conversation may take, in seconds, and how long a whole
+    operation may take.
 
-    def __init__(self, pinned_ip: str, **kwargs) -> None:
-        self._pinned_ip = pinned_ip
+    RFC 5321 section 4.5.3.2 gives a client's minimums: 5 minutes for the greeting, MAIL and
+    RCPT, 2 for DATA, 3 for each block of content, 10 for the reply to the final dot. A caller
+    waits on HTTP here, so the defaults are shorter where that costs nothing (a server silent
+    for 30 s after a command is not coming back) and long where servers are slow on purpose:
+    content filters scan a message before they answer its final dot, 90 s is common.
+
+    - connect: a TCP connection (per address tried) and an implicit-TLS handshake;
+    - command: the greeting and the reply to every command but the final dot (RFC 5321
+      4.5.3.2.1-4.5.3.2.4, 4.5.3.2.7), the STARTTLS handshake, and each write, of a command or
+      of a block of content (4.5.3.2.5);
+    - final_reply: the reply to the final dot (4.5.3.2.6), once the server may have the message;
+    - operation: a whole send (waiting for a pooled connection included) or connection test.
+      No stage outlasts it: a server that answers every command just in time, or sends a
+      continuation line every few seconds, is cut off when it ends.
+    """
+
+    connect: float = 10.0
+    command: float = 30.0
+    final_reply: float = 120.0
+    operation: float = 150.0
+
+    @classmethod
+    def uniform(cls, seconds: float) -> Timeouts:
+        """Every stage `seconds` long (the single SMTP timeout of old); `operation` as default."""
+        return cls(connect=seconds, command=seconds, final_reply=seconds)
+
+
+# What one reply may hold. RFC 5321 4.5.3.1.5 allows 512 octets a line; real EHLO replies run
+# longer, and smtplib reads up to 8,192 a line but any number of lines (one endless greeting
+# made a worker allocate 461 MiB). Past any limit the connection is closed.
+MAX_REPLY_LINE = 8192  # bytes, CRLF included
+MAX_REPLY_LINES = 100
+MAX_REPLY_BYTES = 64 * 1024
+CONTENT_BLOCK = 64 * 1024  # content is written in blocks, each within the command timeout
+_RECV_SIZE = 16 * 1024
+
+
+class ReplyTooLong(smtplib.SMTPException):
+    """A reply went past MAX_REPLY_LINE, MAX_REPLY_LINES or MAX_REPLY_BYTES."""
+
+
+class DeadlinePassed(TimeoutError):
+    """The operation's deadline passed (or a stage's timeout did) before the server answered."""
+
+
+class BoundedSMTP(smtplib.SMTP):
+    """smtplib.SMTP whose every wait is bounded: a reply is read within its stage's timeout and
+    the operation's `deadline` (time.monotonic() seconds, None: none), with at most
+    MAX_REPLY_LINES lines of MAX_REPLY_LINE bytes and MAX_REPLY_BYTES in all; a write within the
+    command timeout and the deadline. Replies are read here, from a buffer that belongs to one
+    socket: whatever a server sent before STARTTLS is never read as a reply after it."""
+
+    def __init__(self, timeouts: Timeouts, deadline: float | None = None, **kwargs) -> None:
+        self.timeouts = timeouts
+        self.deadline = deadline
+        self.authenticated = False  # connect() sets it when AUTH succeeded
+        self._buffer = bytearray()
+        self._buffer_of: object = None  # the socket the buffer was filled from
         super().__init__(**kwargs)
+
+    def budget(self, seconds: float) -> float:
+        """`seconds`, or what is left of the deadline when that is less; raises DeadlinePassed
+        when nothing is left."""
+        if self.deadline is None:
+            return seconds
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlinePassed("the operation's deadline passed")
+        return min(seconds, left)
+
+    def getreply(self) -> tuple[int, bytes]:
+        """smtplib's reply reader, replaced: one reply within the command timeout."""
+        return self.read_reply(self.timeouts.command)
+
+    def read_reply(self, seconds: float) -> tuple[int, bytes]:
+        """One reply, read within `seconds` and the deadline: (code, its lines' texts joined by
+        LF), code -1 when a line does not start with one (as smtplib does).
+
+        Raises DeadlinePassed (the time ran out), SMTPServerDisconnected (the server hung up)
+        or ReplyTooLong; the connection is closed first."""
+        until = time.monotonic() + seconds
+        if self.deadline is not None:
+            until = min(until, self.deadline)
+        texts: list[bytes] = []
+        size = 0
+        while True:
+            line = self._read_line(until)
+            size += len(line)
+            if len(texts) >= MAX_REPLY_LINES or size > MAX_REPLY_BYTES:
+                self.close()
+                raise ReplyTooLong(
+                    f"reply longer than {MAX_REPLY_LINES} lines or {MAX_REPLY_BYTES} bytes"
+                )
+            texts.append(line[4:].strip(b" \t\r\n"))
+            try:
+                code = int(line[:3])
+            except ValueError:
+                return -1, b"\n".join(texts)
+            if line[3:4] != b"-":
+                return code, b"\n".join(texts)
+
+    def _read_line(self, until: float) -> bytes:
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("Not connected")
+        if self._buffer_of is not sock:  # a new socket (TLS started): nothing before it counts
+            self._buffer.clear()
+            self._buffer_of = sock
+        buffer = self._buffer
+        while True:
+            end = buffer.find(b"\n", 0, MAX_REPLY_LINE)
+            if end >= 0:
+                line = bytes(buffer[: end + 1])
+                del buffer[: end + 1]
+                return line
+            if len(buffer) >= MAX_REPLY_LINE:
+                self.close()
+                raise ReplyTooLong(f"reply line longer than {MAX_REPLY_LINE} bytes")
+            left = until - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise DeadlinePassed("no complete reply in time")
+            try:
+                sock.settimeout(left)
+                chunk = sock.recv(_RECV_SIZE)
+            except TimeoutError:
+                self.close()
+                raise DeadlinePassed("no complete reply in time") from None
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(f"Connection lost: {exc}") from None
+            if not chunk:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            buffer += chunk
+
+    def send(self, s: str | bytes | memoryview) -> None:
+        """smtplib's send, within the command timeout and the deadline."""
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(self.budget(self.timeouts.command))
+            except DeadlinePassed:
+                self.close()
+                raise
+        super().send(s)
+
+    def send_content(self, data: bytes) -> None:
+        """Write message content in blocks of CONTENT_BLOCK bytes, each within the command
+        timeout (RFC 5321 4.5.3.2.5) and all within the deadline. When this returns, every byte
+        has left; when it raises, the last one has not."""
+        view = memoryview(data)
+        for start in range(0, len(view), CONTENT_BLOCK):
+            self.send(view[start : start + CONTENT_BLOCK])
+
+    def close(self) -> None:
+        """Close the socket (without QUIT)."""
+        self._buffer.clear()
+        self._buffer_of = None
+        super().close()
+
+
+class _PinnedSMTP(BoundedSMTP):
+    """SMTP that dials checked IPs, in order, while TLS still verifies the host name."""
+
+    def __init__(self, pinned: list[str], timeouts: Timeouts, **kwargs) -> None:
+        self._pinned = pinned
+        super().__init__(timeouts, **kwargs)
 
     def _get_socket(self, host, port, timeout):  # noqa: ANN001, ANN202 - smtplib's signature
         self._host = host  # connect() does not set it; starttls() needs it for SNI and the check
-        return socket.create_connection((self._pinned_ip, port), timeout, self.source_address)
+        return self._dial(port)
+
+    def _dial(self, port: int) -> socket.socket:
+        """A TCP connection to the first checked address that takes one, each tried within the
+        connect timeout and the deadline; the last address's failure when none does."""
+        failure: OSError | None = None
+        for ip in self._pinned:
+            try:
+                return socket.create_connection(
+                    (ip, port), self.budget(self.timeouts.connect), self.source_address
+                )
+            except DeadlinePassed:
+                raise
+            except OSError as exc:  # refused, unreachable, timed out: the next address
+                failure = exc
+        assert failure is not None  # HostGuard.addresses returns at least one
+        raise failure
 
 
-class _PinnedSMTPSSL(smtplib.SMTP_SSL):
-    """SMTP_SSL that dials a checked IP; SNI and the certificate check use the host name."""
+class _PinnedSMTPSSL(_PinnedSMTP):
+    """SMTP over implicit TLS that dials a checked IP; SNI and the certificate check use the
+    host name."""
 
-    def __init__(self, pinned_ip: str, **kwargs) -> None:
-        self._pinned_ip = pinned_ip
-        super().__init__(**kwargs)
+    default_port = smtplib.SMTP_SSL_PORT
+
+    def __init__(self, pinned: list[str], timeouts: Timeouts, *, context: ssl.SSLContext,
+                 **kwargs) -> None:
+        self.context = context
+        super().__init__(pinned, timeouts, **kwargs)
 
     def _get_socket(self, host, port, timeout):  # noqa: ANN001, ANN202 - smtplib's signature
-        self._host = host
-        sock = socket.create_connection((self._pinned_ip, port), timeout, self.source_address)
+        sock = super()._get_socket(host, port, timeout)
+        sock.settimeout(self.budget(self.timeouts.connect))
         return self.context.wrap_socket(sock, server_hostname=self._host)
 
 
@@ -159,6 +352,8 @@ def describe_failure(exc: BaseException, endpoint: SmtpEndpoint) -> TransportErr
         kind, text = "closed", f"Server {where} closed the connection"
     elif isinstance(exc, smtplib.SMTPConnectError):
         kind, text = "refused", f"Server {where} refused the session ({_reply_text(exc)})"
+    elif isinstance(exc, ReplyTooLong):
+        kind, text = "protocol", f"Server {where} sent a {exc}; the connection was closed"
     elif isinstance(exc, smtplib.SMTPResponseException):
         kind, text = "protocol", f"Server replied {_reply_text(exc)}"
     elif isinstance(exc, smtplib.SMTPException):
@@ -171,20 +366,48 @@ def describe_failure(exc: BaseException, endpoint: SmtpEndpoint) -> TransportErr
     return TransportError(kind, _scrub(text, endpoint), code)
 
 
-def connect(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> smtplib.SMTP:
-    """An open, encrypted where possible, authenticated connection; raises TransportError.
+# The EHLO name when the caller gives none (the app passes SMTP_EHLO_NAME, computed once at
+# start-up): never socket.getfqdn() per connection, nor an address literal that filters score.
+DEFAULT_EHLO_NAME = "localhost.localdomain"
 
-    secure=True is implicit TLS. Otherwise STARTTLS is used when offered; when it is not offered,
-    credentials are sent only if the endpoint does not require TLS.
+
+def connect(
+    endpoint: SmtpEndpoint,
+    deadline: float | None = None,
+    *,
+    guard: HostGuard,
+    timeouts: Timeouts | None = None,
+    timeout: float | None = None,
+    ehlo_name: str = DEFAULT_EHLO_NAME,
+) -> BoundedSMTP:
+    """An open connection, encrypted where possible, authenticated where the server offers
+    AUTH; raises TransportError (its text holds no secret).
+
+    `deadline` (time.monotonic() seconds, None: none) bounds all of it and stays on the
+    connection for what follows (BoundedSMTP.deadline); `timeouts` bounds each stage (given
+    `timeout` instead, in seconds, every stage has that one, as SMTP_TIMEOUT once meant).
+    The host is resolved once, every address checked by `guard`, and each tried in order until
+    one takes a TCP connection. EHLO (RFC 5321 4.1.1.1) names this client `ehlo_name`.
+
+    TLS: secure=True is implicit TLS (RFC 8314). Otherwise STARTTLS (RFC 3207) is used when
+    offered; when it is not offered, credentials are sent only if the endpoint does not
+    require TLS.
+    AUTH (RFC 4954): once, with the best mechanism offered (_login). A server that offers no
+    AUTH at all, such as a relay that trusts the client's address, gets none and the message
+    goes without it (as Nodemailer sends); the connection's `authenticated` says which.
     """
-    conn: smtplib.SMTP | None = None
+    if timeouts is None:
+        timeouts = Timeouts() if timeout is None else Timeouts.uniform(timeout)
+    conn: BoundedSMTP | None = None
     try:
-        ip = guard.resolve(endpoint.host, endpoint.port, trusted=endpoint.trusted)
+        pinned = guard.addresses(endpoint.host, endpoint.port, trusted=endpoint.trusted)
         context = tls_context()
         if endpoint.secure:
-            conn = _PinnedSMTPSSL(ip, timeout=timeout, context=context)
+            conn = _PinnedSMTPSSL(
+                pinned, timeouts, deadline=deadline, context=context, local_hostname=ehlo_name
+            )
         else:
-            conn = _PinnedSMTP(ip, timeout=timeout)
+            conn = _PinnedSMTP(pinned, timeouts, deadline=deadline, local_hostname=ehlo_name)
         code, greeting = conn.connect(endpoint.host, endpoint.port)
         if code != 220:  # e.g. "421 Too many connections": say so, with the server's words
             raise smtplib.SMTPConnectError(code, greeting)
@@ -199,32 +422,68 @@ def connect(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> smtp
                     f"Server {endpoint.host}:{endpoint.port} does not offer STARTTLS "
                     "and TLS is required; no credentials were sent",
                 )
-        if endpoint.user and endpoint.password:
+        if endpoint.user and endpoint.password and conn.has_extn("auth"):
             _login(conn, endpoint.user, endpoint.password.reveal())
+            conn.authenticated = True
         return conn
     except BaseException as exc:
         if conn is not None:
-            close_quietly(conn)
+            close_quietly(conn, polite=_still_talking(exc))
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise describe_failure(exc, endpoint) from None
 
 
-def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
-    """AUTH with smtplib's choice of mechanism; non-ASCII credentials (which smtplib can only
-    encode as ASCII) go as AUTH PLAIN in UTF-8, as RFC 4616 defines it."""
-    if user.isascii() and password.isascii():
-        conn.login(user, password)
-        return
+def _still_talking(exc: BaseException) -> bool:
+    """True when the server answered (a refusal we give up on) and so may take a QUIT; a
+    timeout, a lost connection, a TLS failure or a 421 (the server is closing) is closed."""
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return exc.smtp_code != 421
+    return isinstance(exc, TransportError)
+
+
+# An AUTH PLAIN initial response longer than this goes after the server's empty challenge
+# instead (RFC 4954 section 4): some servers limit a command line to 512 octets.
+_INITIAL_RESPONSE_LIMIT = 400
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _login(conn: BoundedSMTP, user: str, password: str) -> None:
+    """AUTH once, with the best mechanism the server offers (RFC 4954): PLAIN (RFC 4616),
+    else LOGIN; user name and password in UTF-8 either way (as Nodemailer sends them and
+    Exchange takes them). smtplib.login is not used: it tries every offered mechanism in turn,
+    so a wrong password costs two attempts, each delayed by servers that slow failures down;
+    here a 535 is final.
+
+    Raises SMTPAuthenticationError with the server's reply, or TransportError ("auth") when
+    the server offers neither PLAIN nor LOGIN."""
     offered = conn.esmtp_features.get("auth", "").upper().split()
-    if "PLAIN" not in offered:
+    if "PLAIN" in offered:
+        token = _b64(b"\0" + user.encode() + b"\0" + password.encode())
+        if len(token) <= _INITIAL_RESPONSE_LIMIT:
+            code, reply = conn.docmd("AUTH", "PLAIN " + token)
+        else:
+            code, reply = conn.docmd("AUTH", "PLAIN")
+            if code == 334:
+                code, reply = conn.docmd(token)
+    elif "LOGIN" in offered:
+        code, reply = conn.docmd("AUTH", "LOGIN")
+        if code == 334:
+            code, reply = conn.docmd(_b64(user.encode()))
+        if code == 334:
+            code, reply = conn.docmd(_b64(password.encode()))
+    else:
+        mechanisms = " ".join(offered) or "without a mechanism"
         raise TransportError(
             "auth",
-            "Authentication failed (the server does not offer AUTH PLAIN, which a user name "
-            "or password with non-ASCII characters needs)",
+            f"Authentication failed (the server offers AUTH {mechanisms}; "
+            "this service uses PLAIN or LOGIN)",
         )
-    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode()).decode()
-    code, reply = conn.docmd("AUTH", "PLAIN " + token)
+    if code == 334:  # yet another challenge: cancel the exchange (RFC 4954 section 4)
+        conn.docmd("*")
     if code != 235:
         raise smtplib.SMTPAuthenticationError(code, reply)
 
@@ -240,18 +499,51 @@ def _ehlo(conn: smtplib.SMTP) -> None:
         raise smtplib.SMTPHeloError(code, reply)
 
 
-def close_quietly(conn: smtplib.SMTP) -> None:
-    """QUIT if the server still listens, then close; never raises."""
-    try:
-        conn.quit()
-    except Exception:  # noqa: BLE001 - a dead connection only needs closing
-        pass
+# How long a QUIT may take: it is a courtesy, and nothing waits for its answer but a closer.
+QUIT_SECONDS = 5.0
+
+
+def close_quietly(conn: smtplib.SMTP, *, polite: bool = True) -> None:
+    """QUIT (when `polite`: the server is still talking) within QUIT_SECONDS, the command
+    timeout and the connection's deadline, then close; never raises."""
+    if polite:
+        try:
+            if isinstance(conn, BoundedSMTP):  # within its deadline too, if it has one
+                limit = time.monotonic() + min(QUIT_SECONDS, conn.timeouts.command)
+                conn.deadline = limit if conn.deadline is None else min(limit, conn.deadline)
+            conn.quit()
+        except Exception:  # noqa: BLE001 - a dead connection only needs closing
+            pass
     try:
         conn.close()
     except Exception:  # noqa: BLE001
         pass
 
 
-def check_connection(endpoint: SmtpEndpoint, *, timeout: float, guard: HostGuard) -> None:
-    """Connect, negotiate TLS, authenticate and QUIT; raise TransportError on any failure."""
-    close_quietly(connect(endpoint, timeout=timeout, guard=guard))
+@dataclass(frozen=True)
+class ConnectionCheck:
+    """What a connection test found: whether the credentials were used (False: the server
+    offers no AUTH, as relays that trust the client's address do) and whether TLS was on."""
+
+    authenticated: bool
+    tls: bool
+
+
+def check_connection(
+    endpoint: SmtpEndpoint,
+    *,
+    guard: HostGuard,
+    timeouts: Timeouts | None = None,
+    timeout: float | None = None,
+    ehlo_name: str = DEFAULT_EHLO_NAME,
+) -> ConnectionCheck:
+    """Connect, negotiate TLS, authenticate (when the server offers AUTH) and QUIT, all within
+    `timeouts.operation` seconds (each stage within its own timeout; `timeout` and `ehlo_name`
+    as for connect()). Raises TransportError on any failure."""
+    if timeouts is None:
+        timeouts = Timeouts() if timeout is None else Timeouts.uniform(timeout)
+    deadline = time.monotonic() + timeouts.operation
+    conn = connect(endpoint, deadline, guard=guard, timeouts=timeouts, ehlo_name=ehlo_name)
+    found = ConnectionCheck(conn.authenticated, isinstance(conn.sock, ssl.SSLSocket))
+    close_quietly(conn)
+    return found

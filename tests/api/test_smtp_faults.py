@@ -12,8 +12,9 @@ import pytest
 from tests.conftest import SMTP_PASSWORD, SMTP_USER, settings_body
 from tests.smtpd_faults import FaultyServer, bad_tls_context
 
-TIMEOUT = 1.5  # SMTP_TIMEOUT for these tests
-BOUND = TIMEOUT * 2 + 1  # an answer must come within this, whatever the server does
+TIMEOUT = 1.5  # SMTP_TIMEOUT for these tests: connecting, and each command's reply
+FINAL_REPLY = 2.5  # SMTP_FINAL_REPLY_TIMEOUT: the reply to the final dot
+BOUND = FINAL_REPLY + TIMEOUT + 0.5  # an answer must come within this, whatever the server does
 RCPT = "rcpt@example.net"
 
 
@@ -26,9 +27,10 @@ def servers(servers, request):
 
 @pytest.fixture
 def app_config(app_config, servers):
-    """A short SMTP timeout. Asking for `servers` here starts them before the app, so they stop
+    """Short SMTP timeouts. Asking for `servers` here starts them before the app, so they stop
     after the app's pool has QUIT its connections."""
-    return {**app_config, "SMTP_TIMEOUT": str(TIMEOUT)}
+    return {**app_config, "SMTP_TIMEOUT": str(TIMEOUT),
+            "SMTP_FINAL_REPLY_TIMEOUT": str(FINAL_REPLY)}
 
 
 @pytest.fixture
@@ -97,8 +99,8 @@ def test_connection_failures_are_502_without_bounce(client, tokens, server, stag
     server.fault(stage, action)
     r, elapsed = _send(client, tokens)
     assert elapsed < BOUND
-    if slow:  # it was the timeout that ended it
-        assert elapsed >= TIMEOUT * 0.9
+    if slow:  # it was the timeout that ended it: the final reply's own, after the content
+        assert elapsed >= (FINAL_REPLY if stage == "content" else TIMEOUT) * 0.9
     assert r.status_code == 502, r.json
     message_id = r.json["messageId"]
     expected = {"success": False, "messageId": message_id, "transport": "custom",
@@ -249,6 +251,19 @@ def test_dropping_one_connection_in_three_under_concurrent_requests(app, tokens,
     everything = delivered + _ids(server.unanswered)
     assert len(everything) == len(set(everything))
     assert server.max_active <= 3  # SMTP_POOL_SIZE
+
+
+def test_a_final_reply_slower_than_the_command_timeout_is_a_200(client, tokens, server):
+    """Issue #10, case 3: content filters answer the final dot late (15 s, 90 s are common).
+    The reply after the final dot has its own timeout (RFC 5321 4.5.3.2.6), longer than the
+    command timeout: here 2 s against 1.5, the issue's 15 s against 10."""
+    _use(client, tokens, server)
+    server.fault("content", "delay", seconds=2.0)
+    r, elapsed = _send(client, tokens)
+    assert r.status_code == 200, r.json
+    assert elapsed >= 2.0
+    assert _record(client, tokens, r.json["messageId"])["status"] == "sent"
+    _assert_delivered_once(server, r.json["messageId"])
 
 
 # -- defects found by these tests, fixed in mailer.py and transport.py ----------------------------

@@ -262,6 +262,24 @@ def test_closed_after_the_content_is_uncertain_never_stale(open_session, server,
     assert not session.healthy and len(server.unanswered) == 1
 
 
+@pytest.mark.parametrize(
+    ("then", "kind"), [("close", "closed"), ("stall", "timeout")], ids=["hangs-up", "stops-reading"]
+)
+def test_a_failure_before_the_final_dot_left_is_certain(open_session, server, then, kind):
+    """DATA answered 354, then the server hangs up, or stops reading so that the writes time
+    out, while 24 MB of content are on their way: the final dot never left, so the server can
+    have taken nothing (RFC 5321 4.1.1.4) and the failure is not "uncertain"."""
+    session = open_session(server)
+    server.fault("data", "354 End data with <CR><LF>.<CR><LF>", times=1, then=then, seconds=5)
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 24_000
+    with pytest.raises(SendFailed) as failure:
+        session.transact(envelope(data=big))
+    error = failure.value
+    assert error.phase == "data" and error.transport.kind == kind
+    assert error.uncertain is False
+    assert not session.healthy and server.messages == [] and server.unanswered == []
+
+
 def test_a_stalled_final_reply_times_out_uncertain(open_session, server):
     session = open_session(server)
     server.fault("content", "stall", times=1)
