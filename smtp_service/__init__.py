@@ -54,7 +54,13 @@ class Services:
             self.timeouts,
             ehlo_name=config["SMTP_EHLO_NAME"],
         )
-        self.senders = SenderService(self.files)
+        # The confirmation codes of senders are signed with a key derived from the encryption
+        # key (as the open pixels are): shared by every worker, no new secret to configure.
+        self.senders = SenderService(
+            self.files,
+            verification=config["GLOBAL_SENDER_VERIFICATION"],
+            secret=hashlib.sha256(b"smtp-service sender confirmation:" + keys[0].encode()).digest(),
+        )
         try:
             self.database = Database(config["DATABASE_URL"], pool_size=config["DATABASE_POOL_SIZE"])
             self.database.migrate()
@@ -103,7 +109,15 @@ class Services:
             max_recipients=config["MAX_RECIPIENTS"],
             deadline_seconds=self.timeouts.operation,
             transaction=self.database.write,
+            global_domains=frozenset(config["GLOBAL_SENDER_DOMAINS"]),
         )
+        if self.global_endpoint is not None and config["SMTP_FROM"]:
+            self.senders.notifier = self.mailer.send_confirmation
+        elif config["GLOBAL_SENDER_VERIFICATION"] == "confirm":
+            logging.getLogger(__name__).warning(
+                "GLOBAL_SENDER_VERIFICATION=confirm without a global server and SMTP_FROM: "
+                "new senders stay pending (`flask smtp senders confirm` confirms them)"
+            )
 
     def data_dir_writable(self) -> bool:
         """True when a file can be created in the data folder."""

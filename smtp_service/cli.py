@@ -95,3 +95,91 @@ def db_current() -> None:
     with current_app.extensions["smtp_service"].database.engine.connect() as conn:
         revision = current(conn)
     click.echo(f"database at revision {revision} (newest {head()})")
+
+
+@smtp.group("senders")
+def senders_group() -> None:
+    """Sender verification for the global server: list, confirm or revoke senders in bulk."""
+
+
+_SELECTION = [
+    click.option("--account", "accounts", multiple=True, help="Only this account (repeatable)."),
+    click.option("--email", "emails", multiple=True, help="Only this address (repeatable)."),
+    click.option("--domain", "domains", multiple=True, help="Only addresses at this domain."),
+]
+
+
+def _selection(command):  # type: ignore[no-untyped-def]
+    for option in reversed(_SELECTION):
+        command = option(command)
+    return command
+
+
+@senders_group.command("list")
+@click.option("--status", type=click.Choice(["pending", "confirmed", "legacy"]), default=None)
+@click.option("--account", "accounts", multiple=True, help="Only this account (repeatable).")
+@with_appcontext
+def senders_list(status: str | None, accounts: tuple[str, ...]) -> None:
+    """Print `account<TAB>email<TAB>status` for every sender (of the given status)."""
+    service = current_app.extensions["smtp_service"].senders
+    for account_id in accounts or service.files.accounts():
+        for sender in service.list(account_id):
+            if status is None or sender.status == status:
+                click.echo(f"{account_id}\t{sender.email}\t{sender.status}")
+
+
+@senders_group.command("confirm")
+@_selection
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["pending", "legacy"]),
+    help="Only senders in this status (default: pending and legacy).",
+)
+@with_appcontext
+def senders_confirm(
+    accounts: tuple[str, ...],
+    emails: tuple[str, ...],
+    domains: tuple[str, ...],
+    statuses: tuple[str, ...],
+) -> None:
+    """Confirm senders the operator vouches for (all pending and legacy ones by default)."""
+    service = current_app.extensions["smtp_service"].senders
+    changed = service.set_status(
+        "confirmed",
+        accounts=accounts or None,
+        emails=emails,
+        domains=domains,
+        only=statuses or ("pending", "legacy"),
+    )
+    click.echo(f"confirmed {changed} sender(s)")
+
+
+@senders_group.command("revoke")
+@_selection
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["confirmed", "legacy"]),
+    help="Only senders in this status (default: legacy).",
+)
+@with_appcontext
+def senders_revoke(
+    accounts: tuple[str, ...],
+    emails: tuple[str, ...],
+    domains: tuple[str, ...],
+    statuses: tuple[str, ...],
+) -> None:
+    """Take senders back to pending (no code: the account removes and adds one for a new code);
+    they no longer send through the global server. By default the legacy ones."""
+    service = current_app.extensions["smtp_service"].senders
+    changed = service.set_status(
+        "pending",
+        accounts=accounts or None,
+        emails=emails,
+        domains=domains,
+        only=statuses or ("legacy",),
+    )
+    click.echo(f"revoked {changed} sender(s)")

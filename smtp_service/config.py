@@ -225,6 +225,14 @@ def _machine_name() -> str:
     return "localhost.localdomain"
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first when unset)."""
+    value = env.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name} must be {' or '.join(choices)}, not {value!r}")
+    return value
+
+
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping from environment variables; raise ConfigError if unusable."""
     env = os.environ if env is None else env
@@ -298,4 +306,8 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SUPPRESSION_DAYS": _float(env, "SUPPRESSION_DAYS", 30.0, 0.0, 36500.0, "days"),
         "SOFT_BOUNCE_LIMIT": _int(env, "SOFT_BOUNCE_LIMIT", 3, 0, 1000),
         "SOFT_BOUNCE_DAYS": _float(env, "SOFT_BOUNCE_DAYS", 7.0, 0.001, 3650.0, "days"),
+        "GLOBAL_SENDER_VERIFICATION": _choice(
+            env, "GLOBAL_SENDER_VERIFICATION", ("confirm", "manual")
+        ),
+        "GLOBAL_SENDER_DOMAINS": [d.lower() for d in _list(env, "GLOBAL_SENDER_DOMAINS")],
     }

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from smtp_service.schemas.responses import ErrorResponse
 from smtp_service.services.errors import (
+    ConfirmationNotSent,
     DomainError,
     IdempotencyConflict,
     IdempotencyPending,
@@ -44,6 +45,7 @@ STATUS: dict[type[DomainError], int] = {
     IdempotencyPending: 409,
     MessageTooLarge: 413,
     RecipientsSuppressed: 422,
+    ConfirmationNotSent: 502,
     NoServerConfigured: 503,
 }
 

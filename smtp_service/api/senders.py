@@ -10,6 +10,7 @@ from smtp_service.schemas import (
     ErrorResponse,
     MessageResponse,
     Sender,
+    SenderConfirmInput,
     SenderInput,
     SenderList,
     SuppressionList,
@@ -18,6 +19,7 @@ from smtp_service.schemas import (
 bp = Blueprint("senders", __name__, url_prefix="/api")
 
 _SENDER_INPUT = SenderInput()
+_CONFIRM_INPUT = SenderConfirmInput()
 _SENDER = Sender()
 _SENDERS = SenderList()
 _SUPPRESSIONS = SuppressionList()
@@ -25,7 +27,7 @@ _MESSAGE = MessageResponse()
 
 
 @bp.get("/senders")
-@documented("The account's verified senders", responses={200: SenderList, 401: ErrorResponse})
+@documented("The account's senders", responses={200: SenderList, 401: ErrorResponse})
 def list_senders():
     """GET /api/senders."""
     caller = current_caller()
@@ -34,7 +36,7 @@ def list_senders():
 
 @bp.post("/senders")
 @documented(
-    "Add a verified sender",
+    "Add a sender (pending, and a confirmation code sent to it, unless verification is manual)",
     body=SenderInput,
     responses={
         201: Sender,
@@ -42,6 +44,7 @@ def list_senders():
         401: ErrorResponse,
         409: ErrorResponse,
         415: ErrorResponse,
+        502: ErrorResponse,
     },
 )
 def add_sender():
@@ -50,6 +53,20 @@ def add_sender():
     data = json_body(_SENDER_INPUT)
     sender = services().senders.add(caller.account_id, data["email"], data["name"])
     return answer(_SENDER, sender, 201)
+
+
+@bp.post("/senders/<path:email>/confirm")
+@documented(
+    "Confirm a pending sender with the code sent to it",
+    body=SenderConfirmInput,
+    responses={200: Sender, 400: ErrorResponse, 401: ErrorResponse, 404: ErrorResponse},
+)
+def confirm_sender(email: str):
+    """POST /api/senders/<email>/confirm."""
+    caller = current_caller()
+    data = json_body(_CONFIRM_INPUT)
+    sender = services().senders.confirm(caller.account_id, email, data["code"])
+    return answer(_SENDER, sender)
 
 
 @bp.delete("/senders/<path:email>")

@@ -14,6 +14,7 @@ from smtp_service.schemas.requests import (
     Attachment,
     HeaderMap,
     SendEmailInput,
+    SenderConfirmInput,
     SenderInput,
     SmtpSettingsInput,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "SendEmailResponse",
     "SendFailedResponse",
     "Sender",
+    "SenderConfirmInput",
     "SenderInput",
     "SenderList",
     "SmtpSettingsInput",

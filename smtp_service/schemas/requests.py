@@ -368,3 +368,15 @@ class SenderInput(Schema):
         metadata={"example": "Sender"},
     )
 
+
+class SenderConfirmInput(Schema):
+    """POST /api/senders/<email>/confirm."""
+
+    code = fields.String(
+        required=True,
+        validate=[validate.Length(min=1, max=64), _no_control_chars],
+        metadata={
+            "example": "ABCD-EFGH-IJKL-MNOP",
+            "description": "The code of the confirmation message sent to the address.",
+        },
+    )

@@ -231,11 +231,20 @@ class MessageRecord(Schema):
 
 
 class Sender(Schema):
-    """A verified sender of the account."""
+    """A sender of the account, and how far it is verified."""
 
     email = fields.String()
     name = fields.String(allow_none=True)
     createdAt = fields.String(attribute="created_at")
+    status = fields.String(
+        metadata={
+            "enum": ["pending", "confirmed", "legacy"],
+            "description": "pending: a confirmation code was sent to the address; it may send "
+            "through the account's own server, not through the global one until confirmed. "
+            "confirmed: may send through either. legacy: stored before verification existed; "
+            "works as before (both routes) until an operator confirms or revokes it.",
+        }
+    )
 
 
 class SenderList(Schema):

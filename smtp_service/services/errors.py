@@ -81,6 +81,14 @@ class SenderNotVerified(DomainError):
         self.email = email
 
 
+class ConfirmationNotSent(DomainError):
+    """The global server did not take a sender's confirmation message."""
+
+    def __init__(self, email: str, reason: str) -> None:
+        super().__init__(f"The confirmation message to {email} could not be sent: {reason}")
+        self.email = email
+
+
 class RecipientsSuppressed(DomainError):
     """Some recipients hard-bounced before; nothing is sent until they are removed."""
 

@@ -25,6 +25,7 @@ from smtp_service.services.compose import (
 )
 from smtp_service.services.domain import Attachment, Bounce, SendRequest, SendResult
 from smtp_service.services.errors import (
+    ConfirmationNotSent,
     IdempotencyConflict,
     IdempotencyPending,
     InvalidInput,
@@ -107,6 +108,7 @@ class Mailer:
         max_recipients: int,
         deadline_seconds: float = 150.0,
         transaction: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        global_domains: frozenset[str] = frozenset(),
     ) -> None:
         self.settings = settings
         self.senders = senders
@@ -125,17 +127,22 @@ class Mailer:
         self.abandoned_seconds = int(deadline_seconds + ABANDON_MARGIN_SECONDS) + 1
         self.transaction = transaction  # writes inside it commit together (Database.write)
         self.storage_failures = 0  # writes that failed after the server took a message
+        # domains whose every address may send through the global server (the operator's)
+        self.global_domains = frozenset(
+            address_key(f"x@{d}").partition("@")[2] for d in global_domains
+        )
 
     # -- choosing the server ---------------------------------------------------------------
 
-    def route(self, account_id: str) -> Route:
-        """Custom settings when present and usable; the global server otherwise.
+    def route(self, account_id: str, *, own_server: bool = True) -> Route:
+        """Custom settings when present and usable; the global server otherwise (always, with
+        own_server=False: the service's own messages, such as sender confirmations).
 
         Raises NoServerConfigured when the account has no usable settings and there is no
         global server.
         """
         try:
-            own = self.settings.load(account_id)
+            own = self.settings.load(account_id) if own_server else None
         except StoredSettingsUnusable as exc:
             log.warning(
                 "account %s: stored SMTP settings unusable, falling back to global: %s",
@@ -234,10 +241,7 @@ class Mailer:
         if suppressed:
             raise RecipientsSuppressed(suppressed)
         route = self.route(account_id)
-        address = sender.address.lower()
-        if address not in route.allowed_senders and address_key(
-            sender.address
-        ) not in self.senders.emails(account_id):
+        if not self._may_send_as(account_id, route, sender):
             raise SenderNotVerified(sender.address)
 
         message_id = new_message_id(sender)
@@ -267,6 +271,60 @@ class Mailer:
         return self._deliver(
             account_id, route, envelope, message_id, sender, request.subject, tracking, key
         )
+
+    def _may_send_as(self, account_id: str, route: Route, sender: Mailbox) -> bool:
+        """The route's own sender (the account's SMTP user, or SMTP_FROM), an address at a
+        domain the operator lists (global route), or a sender of the account that the route
+        accepts (services.senders: any on the account's server, proven ones on the global)."""
+        if sender.address.lower() in route.allowed_senders:
+            return True
+        own_server = route.name == "custom"
+        domain = address_key(sender.address).rpartition("@")[2]
+        if not own_server and domain in self.global_domains:
+            return True
+        return self.senders.may_send(account_id, sender.address, own_server=own_server)
+
+    def send_confirmation(self, account_id: str, address: str, code: str, expires_at: str) -> None:
+        """Send a sender's confirmation code through the global server, from SMTP_FROM.
+        ConfirmationNotSent when the server does not take it (or there is none)."""
+        if self.global_from is None or self.settings.global_endpoint is None:
+            raise ConfirmationNotSent(address, "no global server or SMTP_FROM is configured")
+        route = self.route(account_id, own_server=False)
+        sender = parse_mailbox(self.global_from, "from")
+        recipient = parse_mailbox(address, "email")
+        raw = build_message(
+            message_id=new_message_id(sender),
+            sender=sender,
+            to=[recipient],
+            cc=[],
+            reply_to=[],
+            subject="Confirm your sender address",
+            text=(
+                f"Someone asked to send email as {address} through our mail service.\n\n"
+                f"If it was you, confirm the address with this code:\n\n    {code}\n\n"
+                f"The code is good until {expires_at}. If it was not you, ignore this message: "
+                "nothing is sent as you without it.\n"
+            ),
+            html=None,
+            headers=(("Auto-Submitted", "auto-generated"),),
+            attachments=(),
+            smtputf8=recipient.needs_smtputf8 or sender.needs_smtputf8,
+        )
+        envelope = Envelope(sender.address, (recipient.address,), raw, recipient.needs_smtputf8)
+        try:
+            delivery = self.pool.send(route.pool_account, route.endpoint, envelope)
+        except SendFailed as exc:
+            if exc.transport is not None:
+                reason = exc.transport.text
+            elif exc.refused:
+                code_, reply = next(iter(exc.refused.values()))
+                reason = f"{code_} {_text(reply)}"
+            else:
+                reason = f"{exc.code} {exc.reply}"
+            raise ConfirmationNotSent(address, reason) from None
+        if delivery.refused:
+            code_, reply = next(iter(delivery.refused.values()))
+            raise ConfirmationNotSent(address, f"{code_} {_text(reply)}")
 
     def _deliver(
         self,

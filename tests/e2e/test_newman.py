@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,45 @@ def _require_newman() -> None:
 def _collection_variable(name: str) -> str:
     collection = json.loads(COLLECTION.read_text(encoding="utf-8"))
     return next(v["value"] for v in collection["variable"] if v["key"] == name)
+
+
+@contextmanager
+def mailbox(server) -> Iterator[str]:  # noqa: ANN001 - tests.smtpd.SmtpServer
+    """A mail catcher's HTTP view of what `server` received, for the collection to read the
+    confirmation code from: GET /messages -> {"messages": [{"to", "from", "subject", "text"}]}.
+    Yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            messages = []
+            for received in list(server.messages):
+                body = received.message.get_body(("plain",))
+                messages.append(
+                    {
+                        "to": received.rcpt_tos,
+                        "from": received.mail_from,
+                        "subject": received.message["Subject"],
+                        "text": body.get_content() if body is not None else "",
+                    }
+                )
+            data = json.dumps({"messages": messages}).encode()
+            self.send_response(200 if self.path.split("?")[0] == "/messages" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def _count_requests(items: list[dict]) -> int:
@@ -70,15 +113,17 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
     for key, value in env_vars.items():
         command += ["--env-var", f"{key}={value}"]
 
-    result = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=NEWMAN_TIMEOUT,
-        check=False,
-    )
+    with mailbox(live.global_server) as mailbox_url:
+        command += ["--env-var", f"mailboxUrl={mailbox_url}"]
+        result = subprocess.run(
+            command,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=NEWMAN_TIMEOUT,
+            check=False,
+        )
     output = result.stdout + result.stderr
     print(output)  # newman's summary table, shown by pytest on failure (or with -rP / -s)
     assert result.returncode == 0, f"newman failed ({result.returncode}):\n{output}"
@@ -103,7 +148,20 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
     # custom, verified sender, idempotent (once for two requests), partial rejection
     assert len(subjects) == 4, subjects
     assert [m.rcpt_tos for m in live.account_server.messages][-1] == ["rcpt@example.net"]
-    assert [m.mail_from for m in live.global_server.messages] == ["noreply@example.com"]
+    # the global server got: a confirmation for each sender added (from SMTP_FROM), the send
+    # from the sender confirmed with its code, and the send from SMTP_FROM
+    confirmations = [
+        m
+        for m in live.global_server.messages
+        if m.message["Subject"] == "Confirm your sender address"
+    ]
+    assert [m.rcpt_tos for m in confirmations] == [
+        ["sender-acct-postman-a@example.com"],
+        ["confirm-acct-postman-a@example.com"],
+    ]
+    assert all(m.mail_from == "noreply@example.com" for m in confirmations)
+    sends = [m.mail_from for m in live.global_server.messages if m not in confirmations]
+    assert sends == ["confirm-acct-postman-a@example.com", "noreply@example.com"]
 
     live.stop()
     live.assert_log_clean()

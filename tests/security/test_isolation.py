@@ -37,6 +37,17 @@ def _send(client, tokens, account, http_headers=None, **body):
     return client.post("/api/messages/send-email", json=payload, headers=headers)
 
 
+def _add_confirmed_sender(client, tokens, global_server, account: str, email: str) -> None:
+    """Add a sender and confirm it with the code the global server received for it."""
+    r = client.post("/api/senders", json={"email": email}, headers=tokens.headers(account))
+    assert r.status_code == 201, r.json
+    text = global_server.messages[-1].message.get_body(("plain",)).get_content()
+    code = re.search(r"[A-Z2-7]{4}(?:-[A-Z2-7]{4}){3}", text).group(0)
+    r = client.post(f"/api/senders/{email}/confirm", json={"code": code},
+                    headers=tokens.headers(account))
+    assert r.status_code == 200, r.json
+
+
 def _views(client, tokens, message_id: str) -> dict[str, Any]:
     """Everything acct-a can read about itself (the settings view has no timestamp that moves)."""
     headers = tokens.headers("acct-a")
@@ -170,9 +181,7 @@ def test_open_pixel_counts_only_for_its_own_account_and_message(
 ):
     views = _views(client, tokens, account_a.message_id)
     assert views["message"]["opens"] == 1
-    r = client.post("/api/senders", json={"email": "b-sender@example.com"},
-                    headers=tokens.headers("acct-b"))
-    assert r.status_code == 201
+    _add_confirmed_sender(client, tokens, global_server, "acct-b", "b-sender@example.com")
     r = _send(client, tokens, "acct-b", html="<p>Hello B</p>", **{"from": "b-sender@example.com"})
     assert r.status_code == 200 and r.json["transport"] == "global", r.json
     b_message = r.json["messageId"]
@@ -206,9 +215,8 @@ def test_open_pixel_counts_only_for_its_own_account_and_message(
 def test_idempotency_keys_do_not_replay_across_accounts(client, tokens, smtp_server,
                                                         global_server, account_a):
     for account in ("acct-a", "acct-b"):
-        r = client.post("/api/senders", json={"email": "shared@example.com"},
-                        headers=tokens.headers(account))
-        assert r.status_code == 201
+        _add_confirmed_sender(client, tokens, global_server, account, "shared@example.com")
+    confirmations = len(global_server.messages)
     files = account_a.files()  # after A's own change
     key = {"Idempotency-Key": "order-1"}
     body = {"from": "shared@example.com", "subject": "Same"}
@@ -217,7 +225,7 @@ def test_idempotency_keys_do_not_replay_across_accounts(client, tokens, smtp_ser
     assert first.status_code == second.status_code == 200
     assert first.json["messageId"] != second.json["messageId"]
     assert (first.json["transport"], second.json["transport"]) == ("custom", "global")
-    assert len(global_server.messages) == 1
+    assert len(global_server.messages) == confirmations + 1
     b = tokens.headers("acct-b")
     assert client.get(f"/api/messages/{first.json['messageId']}", headers=b).status_code == 404
     assert account_a.files() == files
