@@ -111,6 +111,10 @@ class Services:
             transaction=self.database.write,
             global_domains=frozenset(config["GLOBAL_SENDER_DOMAINS"]),
         )
+        if config["PUBLIC_BASE_URL"] is None:
+            logging.getLogger(__name__).warning(
+                "PUBLIC_BASE_URL is not set: open tracking is off (no pixel is added)"
+            )
         if self.global_endpoint is not None and config["SMTP_FROM"]:
             self.senders.notifier = self.mailer.send_confirmation
         elif config["GLOBAL_SENDER_VERIFICATION"] == "confirm":
@@ -184,6 +188,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     register_extensions(app)
     register_error_handlers(app)
     register_blueprints(app)
+    register_rate_limits(app)
     register_commands(app)
     return app
 
@@ -220,6 +225,13 @@ def register_blueprints(app: Flask) -> None:
 
     for module in (health, openapi, settings, messages, senders, tracking):
         app.register_blueprint(module.bp)
+
+
+def register_rate_limits(app: Flask) -> None:
+    """Per-client limits on the routes that need them (the open pixel)."""
+    from smtp_service.api.tracking import limit_opens
+
+    limit_opens(app)
 
 
 def register_commands(app: Flask) -> None:

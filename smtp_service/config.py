@@ -163,10 +163,12 @@ def _log_level(env: Mapping[str, str]) -> str:
     return level
 
 
-def _base_url(env: Mapping[str, str]) -> str:
+def _base_url(env: Mapping[str, str]) -> str | None:
+    """The URL mail readers reach the service at; None (open tracking off) when unset: a pixel
+    pointing at the listen address would reach no reader."""
     url = env.get("PUBLIC_BASE_URL", "").strip()
     if not url:
-        return f"http://{env.get('BIND', '').strip() or '127.0.0.1:8000'}"
+        return None
     if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
         raise ConfigError(f"PUBLIC_BASE_URL must be an http:// or https:// URL, not {url!r}")
     return url.rstrip("/")
@@ -223,6 +225,18 @@ def _machine_name() -> str:
     if "." in fqdn and _EHLO_NAME.fullmatch(fqdn) and not fqdn.replace(".", "").isdigit():
         return fqdn
     return "localhost.localdomain"
+
+
+def _rate(env: Mapping[str, str], name: str, default: str) -> str:
+    """A rate limit as flask-limiter writes it ("60 per minute", "10/second;100/hour")."""
+    from limits import parse_many
+
+    value = env.get(name, "").strip() or default
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a rate such as '60 per minute', not {value!r}") from None
+    return value
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
@@ -310,4 +324,5 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
             env, "GLOBAL_SENDER_VERIFICATION", ("confirm", "manual")
         ),
         "GLOBAL_SENDER_DOMAINS": [d.lower() for d in _list(env, "GLOBAL_SENDER_DOMAINS")],
+        "TRACKING_RATE_LIMIT": _rate(env, "TRACKING_RATE_LIMIT", "60 per minute"),
     }

@@ -85,6 +85,7 @@ _HTTP_MESSAGES = {
     405: "Method not allowed",
     413: "Request body too large",
     415: "Unsupported media type",
+    429: "Too many requests",
 }
 
 

@@ -121,6 +121,7 @@ def app_config(tmp_path, global_server, database_url) -> dict[str, Any]:
         "SMTP_PASS": "global-pass-XYZ",
         "SMTP_FROM": "noreply@example.com",
         "SMTP_TIMEOUT": "3",
+        "PUBLIC_BASE_URL": "http://localhost",  # open tracking on (off without it)
     }
 
 

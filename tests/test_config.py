@@ -21,7 +21,7 @@ def test_defaults():
     assert config["SMTP_PORT"] == 587 and config["SMTP_SECURE"] is False
     assert config["SMTP_COMMAND_TIMEOUT"] == 30.0 and config["SMTP_REQUIRE_TLS"] is True
     assert config["SMTP_POOL_SIZE"] == 3 and config["MAX_RECIPIENTS"] == 50
-    assert config["PUBLIC_BASE_URL"] == "http://127.0.0.1:8000"
+    assert config["PUBLIC_BASE_URL"] is None  # open tracking off until it is set
     assert config["LOG_LEVEL"] == "INFO"
     assert config["JWT_DECODE_LEEWAY"] == 5
     hosts = load_config(

@@ -26,6 +26,7 @@ _STATUS_TEXT = {
     413: "Too large",
     415: "Unsupported media type",
     422: "Unprocessable",
+    429: "Too many requests",
     502: "Bad gateway",
     503: "Unavailable",
 }

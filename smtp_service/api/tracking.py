@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 
-from flask import Blueprint, Response
+from flask import Blueprint, Flask, Response, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 
 from smtp_service.api import documented, services
+from smtp_service.schemas import ErrorResponse
 
 bp = Blueprint("tracking", __name__)
 
@@ -14,10 +17,15 @@ PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRA
 
 
 @bp.get("/t/open/<string:token>.gif")
-@documented("Open-tracking pixel (1x1 GIF)", responses={200: "image/gif"}, auth=False)
+@documented(
+    "Open-tracking pixel (1x1 GIF); rate-limited per client address (TRACKING_RATE_LIMIT)",
+    responses={200: "image/gif", 429: ErrorResponse},
+    auth=False,
+)
 def open_pixel(token: str):
     """Record an open for a valid token; answer the same GIF to everyone."""
-    services().mailer.record_open(token)
+    client = f"{request.remote_addr or ''} {request.user_agent.string}"
+    services().mailer.record_open(token, client)
     return Response(
         PIXEL,
         mimetype="image/gif",
@@ -27,3 +35,13 @@ def open_pixel(token: str):
             "Expires": "0",
         },
     )
+
+
+def limit_opens(app: Flask) -> None:
+    """Rate-limit the pixel per client address (flask-limiter, in-memory per worker): an
+    unauthenticated route that writes must not let one client drive the database."""
+    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://")
+    endpoint = f"{bp.name}.{open_pixel.__name__}"
+    # the limit is checked by the wrapper the decorator returns: it replaces the view
+    app.view_functions[endpoint] = limiter.limit(app.config["TRACKING_RATE_LIMIT"])(open_pixel)
+    app.extensions["tracking_limiter"] = limiter

@@ -118,15 +118,25 @@ def new_message_id(sender: Mailbox) -> str:
     return f"{uuid.uuid4().hex}@{domain}"
 
 
+_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE | re.ASCII)
+
+
 def with_open_pixel(html: str, pixel_url: str) -> str:
-    """The html with a 1x1 tracking image before </body> (or at the end)."""
+    """The html with a 1x1 tracking image before its last </body> (or at the end).
+
+    The position is found in the html itself, case-insensitively over ASCII only: an index
+    taken from html.lower() can be off, as lower-casing changes the length of some text
+    ("İ" becomes two characters)."""
     tag = (
         f'<img src="{html_lib.escape(pixel_url, quote=True)}" width="1" height="1" '
         f'alt="" style="display:none;border:0" />'
     )
-    lower = html.lower()
-    at = lower.rfind("</body>")
-    return html[:at] + tag + html[at:] if at >= 0 else html + tag
+    last = None
+    for last in _BODY_END.finditer(html):  # noqa: B007 - the last match is wanted
+        pass
+    if last is None:
+        return html + tag
+    return html[: last.start()] + tag + html[last.start() :]
 
 
 # -- attachments -------------------------------------------------------------------------------

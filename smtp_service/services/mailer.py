@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -63,15 +67,52 @@ class Route:
     allowed_senders: frozenset[str]
 
 
-class OpenTracker:
-    """Signed pixel tokens that name an account and a message."""
+OPEN_WINDOW_SECONDS = 600  # fetches of one message by one reader within it count as one open
+MAX_OPENS = 100  # opens (and open events) recorded per message; later ones are not written
+_RECENT_OPENS = 10_000  # (message, reader) pairs a worker remembers, to skip the database
 
-    def __init__(self, secret: bytes, base_url: str) -> None:
+
+class OpenTracker:
+    """Signed pixel tokens that name an account and a message; off without a base URL.
+
+    A worker remembers the (message, reader) pairs it counted lately, so that a client fetching
+    a pixel over and over reaches the database once per window (the database enforces the same
+    rules across workers and instances)."""
+
+    def __init__(self, secret: bytes, base_url: str | None) -> None:
         self._signer = URLSafeSerializer(secret, salt="smtp-service-open-pixel")
+        self._reader_key = hashlib.sha256(b"reader:" + secret).digest()
         self.base_url = base_url
+        self._recent: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        """Pixels are added only when the service knows the URL readers reach it at."""
+        return self.base_url is not None
+
+    def reader(self, client: str) -> str:
+        """A short keyed digest naming a reader (client address and user agent) in the message
+        log without storing either."""
+        digest = hmac.new(self._reader_key, client.encode("utf-8", "replace"), "sha256")
+        return digest.hexdigest()[:16]
+
+    def seen(self, account_id: str, message_id: str, reader: str, now: float) -> bool:
+        """True when this worker counted this message for this reader within the window;
+        otherwise note it and return False."""
+        key = (account_id, message_id, reader)
+        with self._lock:
+            last = self._recent.get(key)
+            if last is not None and now - last < OPEN_WINDOW_SECONDS:
+                return True
+            self._recent[key] = now
+            self._recent.move_to_end(key)
+            while len(self._recent) > _RECENT_OPENS:
+                self._recent.popitem(last=False)
+        return False
 
     def url(self, account_id: str, message_id: str) -> str:
-        """The pixel URL for one message."""
+        """The pixel URL for one message (the tracker must be enabled)."""
         token = self._signer.dumps({"a": account_id, "m": message_id})
         return f"{self.base_url}/t/open/{token}.gif"
 
@@ -246,7 +287,7 @@ class Mailer:
 
         message_id = new_message_id(sender)
         html = request.html
-        tracking = bool(html is not None and request.track_opens)
+        tracking = bool(html is not None and request.track_opens and self.tracker.enabled)
         if tracking:
             html = with_open_pixel(html, self.tracker.url(account_id, message_id))
         smtputf8 = sender.needs_smtputf8 or any(
@@ -515,10 +556,19 @@ class Mailer:
 
     # -- tracking ---------------------------------------------------------------------------
 
-    def record_open(self, token: str) -> bool:
-        """Count an open for a valid token; False for anything else."""
+    def record_open(self, token: str, client: str = "") -> bool:
+        """Count an open for a valid token, once per reader (`client`: its address and user
+        agent) and OPEN_WINDOW_SECONDS, at most MAX_OPENS per message; False when nothing was
+        counted."""
         named = self.tracker.read(token)
-        return bool(named) and self.messages.record_open(*named)
+        if not named:
+            return False
+        reader = self.tracker.reader(client)
+        if self.tracker.seen(*named, reader, time.monotonic()):
+            return False
+        return self.messages.record_open(
+            *named, reader=reader, window_ms=OPEN_WINDOW_SECONDS * 1000, cap=MAX_OPENS
+        )
 
 
 def _text(reply: Any) -> str | None:

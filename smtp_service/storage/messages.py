@@ -15,7 +15,7 @@ from smtp_service.timestamps import iso_utc
 STATUSES = frozenset({"sent", "failed", "bounced"})
 
 _INSERT_MESSAGE = messages.insert()
-_INSERT_OPEN = events.insert().values(type="open", detail=None)
+_INSERT_OPEN = events.insert().values(type="open")
 # The message and its later events in one statement: one snapshot, with no transaction.
 _SELECT_MESSAGE = (
     sa.select(
@@ -48,11 +48,21 @@ _SELECT_MESSAGE = (
     )
     .order_by(events.c.id)
 )
-_COUNT_OPEN = (  # bind names differ from the columns': an UPDATE reserves those
+# Counted only under the message's cap, and when the same reader has no open since :since;
+# bind names differ from the columns': an UPDATE reserves those.
+_COUNT_OPEN = (
     messages.update()
     .where(
         messages.c.account_id == sa.bindparam("b_account_id"),
         messages.c.message_id == sa.bindparam("b_message_id"),
+        messages.c.opens < sa.bindparam("cap"),
+        ~sa.exists().where(
+            events.c.account_id == sa.bindparam("b_account_id"),
+            events.c.message_id == sa.bindparam("b_message_id"),
+            events.c.type == "open",
+            events.c.detail == sa.bindparam("b_detail"),
+            events.c.at >= sa.bindparam("since"),
+        ),
     )
     .values(
         opens=messages.c.opens + 1,
@@ -117,9 +127,7 @@ class MessageLog:
         """The account's message with its events (the spec's message record), or None."""
         if not storable(message_id):
             return None
-        rows = self.db.query(
-            _SELECT_MESSAGE, {"account_id": account_id, "message_id": message_id}
-        )
+        rows = self.db.query(_SELECT_MESSAGE, {"account_id": account_id, "message_id": message_id})
         if not rows:
             return None
         row = rows[0]
@@ -155,15 +163,40 @@ class MessageLog:
             ],
         }
 
-    def record_open(self, account_id: str, message_id: str) -> bool:
-        """Count an open of the account's message; False (nothing written) if it has none such."""
+    def record_open(
+        self,
+        account_id: str,
+        message_id: str,
+        *,
+        reader: str | None = None,
+        window_ms: int = 0,
+        cap: int = 2**31 - 1,
+    ) -> bool:
+        """Count an open of the account's message, and add its event (detail: the reader).
+
+        Not counted, and False: when the account has no such message, when the message has
+        `cap` opens already, or when `reader` has an open of it within the last `window_ms`.
+        One conditional UPDATE decides, so a fetch that is not counted writes no row."""
         now = self.db.now_ms()
+        detail = None if reader is None else json.dumps({"reader": reader})
+        params = {
+            "b_account_id": account_id,
+            "b_message_id": message_id,
+            "now": now,
+            "cap": cap,
+            "b_detail": detail,
+            "since": now - window_ms if reader is not None and window_ms else now + 1,
+        }
         with self.db.write() as conn:
-            found = conn.execute(
-                _COUNT_OPEN, {"b_account_id": account_id, "b_message_id": message_id, "now": now}
-            ).rowcount
+            found = conn.execute(_COUNT_OPEN, params).rowcount
             if found:
                 conn.execute(
-                    _INSERT_OPEN, {"account_id": account_id, "message_id": message_id, "at": now}
+                    _INSERT_OPEN,
+                    {
+                        "account_id": account_id,
+                        "message_id": message_id,
+                        "at": now,
+                        "detail": detail,
+                    },
                 )
         return bool(found)

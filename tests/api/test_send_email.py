@@ -222,8 +222,9 @@ def test_open_pixel(app, client, tokens, smtp_server):
     match = re.search(r'src="[^"]*(/t/open/[^"]+\.gif)"', html_part)
     assert match, raw
     pixel = match.group(1)
-    for _ in range(2):
-        g = client.get(pixel)
+    # two readers (user agents), each fetching twice: two opens (one per reader and window)
+    for agent in ("reader-one", "reader-one", "reader-two", "reader-two"):
+        g = client.get(pixel, headers={"User-Agent": agent})
         assert g.status_code == 200 and g.mimetype == "image/gif"
         assert "no-store" in g.headers["Cache-Control"]
     record = client.get(f"/api/messages/{message_id}", headers=tokens.headers()).json

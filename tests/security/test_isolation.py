@@ -206,8 +206,9 @@ def test_open_pixel_counts_only_for_its_own_account_and_message(
     headers_b = tokens.headers("acct-b")
     assert client.get(f"/api/messages/{b_message}", headers=headers_b).json["opens"] == 0
     assert _views(client, tokens, account_a.message_id)["message"]["opens"] == 1
-    # the genuine pixels still count, each for its own message only
-    assert client.get(account_a.pixel).data == PIXEL
+    # the genuine pixels still count (for another reader: one open per reader and window),
+    # each for its own message only
+    assert client.get(account_a.pixel, headers={"User-Agent": "another reader"}).data == PIXEL
     assert _views(client, tokens, account_a.message_id)["message"]["opens"] == 2
     assert client.get(f"/api/messages/{b_message}", headers=headers_b).json["opens"] == 0
 
