@@ -1,14 +1,20 @@
 """Load with faults: many clients of several accounts send through a real multi-worker gunicorn
-while their settings are saved, changed and deleted, and while the SMTP servers drop one
-connection in N. Then it checks what users rely on:
+while their settings are saved, changed and deleted, and while the SMTP servers misbehave the
+way real ones do (issue #10): they drop one connection in N (after MAIL, or after the content
+before the final reply), refuse one RCPT in N for policy ("554 5.7.1 ... blocked using" an RBL),
+answer one final dot in N slowly (later than the command timeout, within the final-reply
+timeout, as content filters do), and one of the account servers is a relay that offers no AUTH.
+Then it checks what users rely on:
 
 - every message answered 200 was delivered exactly once, to a server its account pointed at
   while the request was in flight (its own server, or the global one while it had none);
-- no message answered 502 was delivered (the fault hits before the server accepts it);
+- no message answered 502 was delivered (every fault hits before the server accepts it);
+- no address was suppressed (no refusal in the run is about a mailbox), so no send was 422;
 - every settings file parses; every worker that started is still alive;
 - memory (peak RSS) and open descriptors per worker stay bounded (sampled through the run).
 
     .venv/bin/python bench/soak.py [--seconds 180] [--accounts 4] [--clients 4] [--drop-every 50]
+        [--policy-every 40] [--slow-every 60] [--slow-seconds 3]
 
 `make test` runs a 20-second version (tests/e2e/test_soak.py) with the same code.
 """
@@ -16,6 +22,7 @@ connection in N. Then it checks what users rely on:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import logging
@@ -59,27 +66,67 @@ def free_port() -> int:
 
 class FlakyHandler:
     """Accepts messages and records their subjects; drops one session in `drop_every`,
-    alternately after MAIL (before any content) and after the DATA content (before the reply)."""
+    alternately after MAIL (before any content) and after the DATA content (before the reply);
+    refuses one RCPT in `policy_every` for policy; answers one final dot in `slow_every` after
+    `slow_seconds`. Without `offer_auth` its EHLO lists no AUTH (a relay that trusts the
+    client's address)."""
 
-    def __init__(self, name: str, drop_every: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        drop_every: int,
+        policy_every: int = 0,
+        slow_every: int = 0,
+        slow_seconds: float = 0.0,
+        offer_auth: bool = True,
+    ) -> None:
         self.name = name
         self.drop_every = drop_every
+        self.policy_every = policy_every
+        self.slow_every = slow_every
+        self.slow_seconds = slow_seconds
+        self.offer_auth = offer_auth
         self.lock = threading.Lock()
         self.subjects: Counter[str] = Counter()
         self.commands = 0
+        self.rcpts = 0
+        self.datas = 0
         self.drops = {"after MAIL": 0, "after DATA": 0}
+        self.policy_refusals = 0
+        self.slow_replies = 0
+        self.unauthenticated = 0  # messages taken without AUTH
 
-    def _should_drop(self) -> str | None:
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001, ANN201, N802
+        session.host_name = hostname
+        if self.offer_auth:
+            return responses
+        return [line for line in responses if not line[4:].upper().startswith("AUTH")]
+
+    async def handle_RCPT(self, server, session, envelope, address, options):  # noqa: ANN001, ANN201, N802
+        with self.lock:
+            self.rcpts += 1
+            refuse = bool(self.policy_every) and self.rcpts % self.policy_every == 0
+            if refuse:
+                self.policy_refusals += 1
+        if refuse:
+            return ("554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using "
+                    "zen.spamhaus.example")
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    def _should_drop(self, here: str) -> bool:
+        """Every drop_every-th MAIL or DATA, by turns: True when this one (`here`) drops."""
         with self.lock:
             self.commands += 1
             if self.drop_every and self.commands % self.drop_every == 0:
                 kind = "after MAIL" if (self.commands // self.drop_every) % 2 else "after DATA"
-                self.drops[kind] += 1
-                return kind
-        return None
+                if kind == here:  # counted only when it happens
+                    self.drops[kind] += 1
+                    return True
+        return False
 
     async def handle_MAIL(self, server, session, envelope, address, options):  # noqa: ANN001, N802
-        if self._should_drop() == "after MAIL":
+        if self._should_drop("after MAIL"):
             server.transport.close()
             return "421 4.4.2 dropped on purpose"
         envelope.mail_from = address
@@ -87,7 +134,7 @@ class FlakyHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, N802
-        if self._should_drop() == "after DATA":
+        if self._should_drop("after DATA"):
             server.transport.close()  # content received, never acknowledged
             return "451 4.3.0 dropped on purpose"
         subject = ""
@@ -96,12 +143,31 @@ class FlakyHandler:
                 subject = line[8:].strip().decode()
                 break
         with self.lock:
+            self.datas += 1
+            slow = bool(self.slow_every) and self.datas % self.slow_every == 0
+            if slow:
+                self.slow_replies += 1
+        if slow:  # a content filter at work: later than the command timeout
+            await asyncio.sleep(self.slow_seconds)
+        with self.lock:
             self.subjects[subject] += 1
+            if getattr(session, "auth_data", None) is None:
+                self.unauthenticated += 1
         return "250 OK"
 
 
-def start_smtp(name: str, user: str, password: str, context: ssl.SSLContext, drop_every: int):
-    """A STARTTLS + AUTH aiosmtpd server in a thread."""
+def start_smtp(
+    name: str,
+    user: str,
+    password: str,
+    context: ssl.SSLContext,
+    drop_every: int,
+    policy_every: int = 0,
+    slow_every: int = 0,
+    slow_seconds: float = 0.0,
+    offer_auth: bool = True,
+):
+    """A STARTTLS + AUTH aiosmtpd server in a thread (without offer_auth: STARTTLS, no AUTH)."""
 
     def authenticate(server, session, envelope, mechanism, data):  # noqa: ANN001, ANN202
         ok = (
@@ -111,7 +177,8 @@ def start_smtp(name: str, user: str, password: str, context: ssl.SSLContext, dro
         )
         return AuthResult(success=ok)
 
-    handler = FlakyHandler(name, drop_every)
+    handler = FlakyHandler(name, drop_every, policy_every, slow_every, slow_seconds, offer_auth)
+    auth = {"authenticator": authenticate, "auth_required": True} if offer_auth else {}
     controller = Controller(
         handler,
         hostname="127.0.0.1",
@@ -119,8 +186,7 @@ def start_smtp(name: str, user: str, password: str, context: ssl.SSLContext, dro
         server_hostname="localhost",
         tls_context=context,
         require_starttls=True,
-        authenticator=authenticate,
-        auth_required=True,
+        **auth,
     )
     controller.start()
     return controller, handler
@@ -134,6 +200,8 @@ class Outcome:
     ok: list[tuple[str, str, float, float]] = field(default_factory=list)  # subj, acct, t0, t1
     failed: list[tuple[str, int, str]] = field(default_factory=list)  # subj, status, error
     statuses: Counter[int] = field(default_factory=Counter)
+    categories: Counter[str] = field(default_factory=Counter)  # of the 502s
+    slowest_200: float = 0.0
 
 
 @dataclass
@@ -215,6 +283,9 @@ def run(
     workers: int = 2,
     change_every: float = 0.5,
     log=print,  # noqa: ANN001
+    policy_every: int = 40,
+    slow_every: int = 60,
+    slow_seconds: float = 3.0,
 ) -> dict[str, Any]:
     """Run the soak and return its figures and any violations."""
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's deprecation chatter
@@ -226,10 +297,15 @@ def run(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
 
+    faults = {"policy_every": policy_every, "slow_every": slow_every,
+              "slow_seconds": slow_seconds}
     servers = {
-        "A": start_smtp("A", USER, PASSWORD, context, drop_every),
-        "B": start_smtp("B", USER, PASSWORD, context, drop_every),
-        "global": start_smtp("global", GLOBAL_USER, GLOBAL_PASSWORD, context, drop_every),
+        "A": start_smtp("A", USER, PASSWORD, context, drop_every, **faults),
+        "B": start_smtp("B", USER, PASSWORD, context, drop_every, **faults),
+        "relay": start_smtp("relay", USER, PASSWORD, context, drop_every, **faults,
+                            offer_auth=False),
+        "global": start_smtp("global", GLOBAL_USER, GLOBAL_PASSWORD, context, drop_every,
+                             **faults),
     }
     port = free_port()
     data_dir = os.path.join(work, "data")
@@ -249,7 +325,11 @@ def run(
         "SMTP_USER": GLOBAL_USER,
         "SMTP_PASS": GLOBAL_PASSWORD,
         "SMTP_FROM": GLOBAL_FROM,
-        "SMTP_TIMEOUT": "5",
+        # Commands answered within 2 s; the final dot's reply may take the default 120 s, so a
+        # slow one (slow_seconds) is still a 200.
+        "SMTP_TIMEOUT": "",
+        "SMTP_CONNECT_TIMEOUT": "5",
+        "SMTP_COMMAND_TIMEOUT": str(max(2.0, slow_seconds / 1.5)),
         "SSL_CERT_FILE": ca_file,
         "LOG_LEVEL": "WARNING",
     }
@@ -305,7 +385,7 @@ def run(
 
         def change_settings(client: Client, rng: random.Random, account: str) -> None:
             while not stop.wait(change_every * (0.5 + rng.random())):
-                target = rng.choice(["A", "B", "global"])
+                target = rng.choice(["A", "B", "relay", "global"])
                 t0 = time.monotonic()
                 if target == "global":
                     status, _ = client.call("DELETE", "/api/smtp/settings", tokens[account])
@@ -338,8 +418,10 @@ def run(
                     outcome.statuses[status] += 1
                     if status == 200:
                         outcome.ok.append((subject, account, t0, t1))
+                        outcome.slowest_200 = max(outcome.slowest_200, t1 - t0)
                     else:
                         outcome.failed.append((subject, status, str(answer.get("error"))))
+                        outcome.categories[str(answer.get("category"))] += 1
 
         def sampler() -> None:
             while not stop.wait(1.0):
@@ -364,6 +446,14 @@ def run(
             t.join(timeout=60)
         elapsed = time.monotonic() - began
         time.sleep(0.2)
+
+        # No refusal in the run is about a mailbox: nothing may be on a suppression list.
+        checker = Client(port)
+        suppressed = 0
+        for a in names:
+            status, listed = checker.call("GET", "/api/suppressions", tokens[a])
+            suppressed += len(listed.get("suppressions", [])) if status == 200 else 0
+        checker.close()
 
         end_pids = worker_pids(proc.pid)
         if end_pids != start_pids:
@@ -395,6 +485,8 @@ def run(
         elif where[0] not in timeline.servers_between(account, t0, t1):
             wrong_server += 1
     failed_but_delivered = sum(1 for subject, _, _ in outcome.failed if subject in landed)
+    relay = servers["relay"][1]
+    relay_authenticated = sum(relay.subjects.values()) - relay.unauthenticated
     unparseable = []
     shared = os.path.join(data_dir, "shared-data")
     for account in os.listdir(shared):
@@ -413,6 +505,9 @@ def run(
         ("delivered to a server the account did not point at", wrong_server),
         ("answered non-200 but delivered", failed_but_delivered),
         ("unparseable settings files", len(unparseable)),
+        ("wrongly suppressed addresses", suppressed),
+        ("sends refused as suppressed (422)", outcome.statuses.get(422, 0)),
+        ("taken with AUTH by the relay that offers none", relay_authenticated),
         ("tracebacks in gunicorn's log", tracebacks),
     ):
         if count:
@@ -436,10 +531,16 @@ def run(
         "statuses": dict(outcome.statuses),
         "settings_changes": changes,
         "connections_dropped": drops,
+        "policy_refusals": {n: h.policy_refusals for n, (_, h) in servers.items()},
+        "slow_final_replies": {n: h.slow_replies for n, (_, h) in servers.items()},
+        "delivered_without_auth": relay.unauthenticated,
+        "failed_by_category": dict(outcome.categories),
+        "slowest_200_s": round(outcome.slowest_200, 2),
         "duplicates": duplicates,
         "lost": lost,
         "wrong_server": wrong_server,
         "failed_but_delivered": failed_but_delivered,
+        "wrongly_suppressed": suppressed,
         "worker_peak_rss_kib_and_fds": {str(p): v for p, v in peaks.items()},
         "worker_growth_rss_kib_and_fds": {str(p): v for p, v in growth.items()},
         "violations": violations,
@@ -456,8 +557,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="per account")
     parser.add_argument("--drop-every", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--policy-every", type=int, default=40, help="0: no policy refusals")
+    parser.add_argument("--slow-every", type=int, default=60, help="0: no slow final replies")
+    parser.add_argument("--slow-seconds", type=float, default=3.0)
     args = parser.parse_args()
-    report = run(args.seconds, args.accounts, args.clients, args.drop_every, args.workers)
+    report = run(args.seconds, args.accounts, args.clients, args.drop_every, args.workers,
+                 policy_every=args.policy_every, slow_every=args.slow_every,
+                 slow_seconds=args.slow_seconds)
     if report["violations"]:
         sys.exit("FAILED: " + "; ".join(report["violations"]))
 

@@ -26,6 +26,7 @@ from smtp_service.storage.database import Database, DatabaseError
 from smtp_service.storage.files import AccountFiles
 from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
+from smtp_service.storage.refusals import RefusalBoard
 from smtp_service.storage.suppressions import SuppressionList
 
 __all__ = ["ConfigError", "create_app"]
@@ -87,6 +88,8 @@ class Services:
             idle_seconds=config["SMTP_POOL_IDLE_SECONDS"],
             max_lifetime=config["SMTP_POOL_MAX_LIFETIME_SECONDS"],
             max_accounts=config["SMTP_POOL_MAX_ACCOUNTS"],
+            acquire_timeout=config["SMTP_POOL_WAIT_SECONDS"],
+            refusals=RefusalBoard(self.data_dir),
             pipelining=config["SMTP_PIPELINING"],
         )
         # A forked worker must not share the parent's sockets; on exit, QUIT politely.
@@ -108,6 +111,7 @@ class Services:
             max_message_bytes=config["MAX_MESSAGE_BYTES"],
             max_recipients=config["MAX_RECIPIENTS"],
             deadline_seconds=self.timeouts.operation,
+            global_pool_size=config["SMTP_GLOBAL_POOL_SIZE"],
             transaction=self.database.write,
             global_domains=frozenset(config["GLOBAL_SENDER_DOMAINS"]),
         )

@@ -316,6 +316,8 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
             env, "SMTP_POOL_MAX_LIFETIME_SECONDS", 300.0, 0.1, 86400.0
         ),
         "SMTP_POOL_MAX_ACCOUNTS": _int(env, "SMTP_POOL_MAX_ACCOUNTS", 1000, 1, 1_000_000),
+        "SMTP_POOL_WAIT_SECONDS": _float(env, "SMTP_POOL_WAIT_SECONDS", 10.0, 0.0, 600.0),
+        "SMTP_GLOBAL_POOL_SIZE": _int(env, "SMTP_GLOBAL_POOL_SIZE", 10, 0, 1000),
         "SMTP_PIPELINING": _bool(env, "SMTP_PIPELINING", True),
         "SUPPRESSION_DAYS": _float(env, "SUPPRESSION_DAYS", 30.0, 0.0, 36500.0, "days"),
         "SOFT_BOUNCE_LIMIT": _int(env, "SOFT_BOUNCE_LIMIT", 3, 0, 1000),

@@ -27,6 +27,7 @@ from smtp_service.services.errors import (
     RecipientsSuppressed,
     SenderExists,
     SenderNotVerified,
+    SmtpPoolBusy,
     shown,
 )
 
@@ -47,6 +48,7 @@ STATUS: dict[type[DomainError], int] = {
     RecipientsSuppressed: 422,
     ConfirmationNotSent: 502,
     NoServerConfigured: 503,
+    SmtpPoolBusy: 503,
 }
 
 _ERROR_BODY = ErrorResponse()
@@ -97,7 +99,10 @@ def register_error_handlers(app: Flask) -> None:
         status = status_of(exc)
         if status == 500:
             return _unexpected(exc)
-        return jsonify(error_body(exc)), status
+        response = jsonify(error_body(exc))
+        if isinstance(exc, SmtpPoolBusy):  # RFC 9110 section 10.2.3
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response, status
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):

@@ -18,10 +18,15 @@ reply line such as "451 4.3.0 Try later" (after a 421 the server hangs up, as RF
 
 What the server did is recorded: `messages` (answered 250), `unanswered` (content read, no reply
 given), `refused` (content read and refused), `commands` ((connection number, verb) pairs),
-`connections`, `active`, `max_active` and `fired` faults. The Controller's own start-up probe
-connection is neither counted nor faulted. A server that offers no STARTTLS is
-`FaultyServer(mode="plain", ...)`; one with a certificate the client must refuse takes
-`server_context=bad_tls_context(kind, ca)`. `FaultyServers` starts and stops them for a fixture.
+`connections`, `active`, `max_active` and `fired` faults. `per_client_limit` makes it answer a
+connection beyond that many at once "421 4.7.0 ... too many connections" and hang up, as Postfix
+does past smtpd_client_connection_count_limit (`turned_away` counts them). A "data" fault whose
+reply starts with 354 (and has no `then`) reads the content up to the final dot and answers 554,
+as a server does that took DATA with no recipient (the content is kept in `after_354`). The
+Controller's own start-up probe connection is neither counted nor faulted. A server that offers
+no STARTTLS is `FaultyServer(mode="plain", ...)`; one with a certificate the client must refuse
+takes `server_context=bad_tls_context(kind, ca)`. `FaultyServers` starts and stops them for a
+fixture.
 """
 
 from __future__ import annotations
@@ -127,10 +132,26 @@ class FaultySMTP(SMTP):
             text = None if fault is None else await self.perform(fault)
             if text is None:
                 await method(arg)
+            elif verb == "DATA" and text.startswith("354") and fault.then is None:
+                await self._empty_transaction(text)
             else:
                 await self.reply(fault, text)
 
         return run
+
+    async def _empty_transaction(self, text: str) -> None:
+        """DATA answered 354 whatever the recipients: read the content up to the final dot,
+        keep it in `owner.after_354`, answer as a server with no recipient would."""
+        await self.push(text)
+        lines = []
+        while True:
+            line = await self._reader.readline()
+            if not line or line == b".\r\n":
+                break
+            lines.append(line)
+        with self.owner._lock:
+            self.owner.after_354.append(b"".join(lines))
+        await self.push("554 5.5.1 Error: no valid recipients")
 
     async def perform(self, fault: Fault) -> str | None:
         """Carry out a fault: None means go on normally, else the reply to give instead."""
@@ -166,6 +187,15 @@ class FaultySMTP(SMTP):
             self._original_transport.close()
 
     async def _handle_client(self) -> None:
+        limit = self.owner.per_client_limit
+        if self.conn_no and limit is not None and self.owner.active > limit:
+            with self.owner._lock:
+                self.owner.turned_away += 1
+            # Postfix's answer past smtpd_client_connection_count_limit
+            await self.push(f"421 4.7.0 {self.hostname} Error: too many connections from "
+                            f"{self.session.peer[0]}")
+            self._close()
+            return
         fault = self.take("connect")
         if fault is not None:
             try:
@@ -223,6 +253,10 @@ class FaultyServer(SmtpServer):
         self.fired: list[tuple[int, str, str]] = []
         self.idle_seconds: float | None = None
         self.idle_reply: str | None = None
+        # At most this many connections at once; one more is answered 421 and closed.
+        self.per_client_limit: int | None = None
+        self.turned_away = 0  # connections refused for being one too many
+        self.after_354: list[bytes] = []  # content after a faked 354 (an empty transaction)
 
     # -- what tests call ---------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from smtp_service.schemas.fields import (
     StrictBoolean,
     StrictInteger,
 )
+from smtp_service.schemas.stored import MAX_CONNECTIONS
 from smtp_service.services import domain
 from smtp_service.services.addresses import MAX_ADDRESS_LIST_LENGTH, MAX_MAILBOX_LENGTH
 from smtp_service.services.compose import attachment_type_problem
@@ -57,6 +58,16 @@ class SmtpSettingsInput(Schema):
         metadata={"example": "password"},
     )
     requireTls = StrictBoolean(load_default=True, metadata={"example": True})
+    maxConnections = StrictInteger(
+        load_default=None,
+        validate=validate.Range(min=1, max=MAX_CONNECTIONS),
+        metadata={
+            "example": 2,
+            "description": "Optional: most connections open at once to this server, per "
+            "worker (like Nodemailer's maxConnections), for servers that limit connections "
+            "per client. Default: SMTP_POOL_SIZE.",
+        },
+    )
 
     @pre_load
     def _trim_host(self, data: Any, **_kwargs: Any) -> Any:
@@ -75,6 +86,7 @@ class SmtpSettingsInput(Schema):
             user=data["user"],
             password=Secret(data["password"]),
             require_tls=data["requireTls"],
+            max_connections=data["maxConnections"],
         )
 
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from marshmallow import Schema, fields, pre_dump
+from marshmallow import Schema, fields, post_dump, pre_dump
 
 if TYPE_CHECKING:  # only named in hints: the services import the stored-file schema
     from smtp_service.services.domain import SendResult
     from smtp_service.services.settings import ActiveSettings
+
+
+_MAX_CONNECTIONS = (
+    "Present when the account set it: most connections open at once to its server, per worker."
+)
 
 
 class SmtpSettingsView(Schema):
@@ -26,11 +31,12 @@ class SmtpSettingsView(Schema):
     hasPassword = fields.Boolean()
     isGlobal = fields.Boolean()
     requireTls = fields.Boolean()
+    maxConnections = fields.Integer(metadata={"description": _MAX_CONNECTIONS})
 
     @pre_dump
     def _from_settings(self, active: ActiveSettings, **_kwargs: Any) -> dict[str, Any]:
         e = active.endpoint
-        return {
+        view = {
             "host": active.host_as_stored or (e.host if e else None),
             "port": e.port if e else None,
             "secure": e.secure if e else False,
@@ -39,6 +45,9 @@ class SmtpSettingsView(Schema):
             "isGlobal": active.is_global,
             "requireTls": e.require_tls if e else True,
         }
+        if e is not None and e.max_connections is not None:
+            view["maxConnections"] = e.max_connections
+        return view
 
 
 class SavedSettings(Schema):
@@ -49,8 +58,17 @@ class SavedSettings(Schema):
     secure = fields.Boolean(attribute="endpoint.secure")
     user = fields.String(attribute="endpoint.user")
     requireTls = fields.Boolean(attribute="endpoint.require_tls")
+    maxConnections = fields.Integer(
+        attribute="endpoint.max_connections", metadata={"description": _MAX_CONNECTIONS}
+    )
     updatedAt = fields.String(attribute="updated_at")
     updatedBy = fields.String(attribute="updated_by", allow_none=True)
+
+    @post_dump
+    def _cap_only_when_set(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        if data.get("maxConnections") is None:
+            data.pop("maxConnections", None)
+        return data
 
 
 class SaveSettingsResponse(Schema):

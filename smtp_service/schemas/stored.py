@@ -11,7 +11,7 @@ from typing import Any
 
 from marshmallow import Schema, fields, post_load, validate
 
-from smtp_service.schemas.fields import HostName, NonEmptyString
+from smtp_service.schemas.fields import HostName, NonEmptyString, StrictInteger
 
 IMPLICIT_TLS_PORT = 465
 
@@ -52,6 +52,8 @@ class LegacyBoolean(fields.Boolean):
             return value.strip().lower() == "true"
         raise self.make_error("invalid", input=value)
 
+MAX_CONNECTIONS = 100  # an account's cap on connections to its server (maxConnections)
+
 
 class StoredSmtpSettings(Schema):
     """data/shared-data/{accountId}/smtp-settings.json, as the old system wrote it and as we do.
@@ -67,6 +69,9 @@ class StoredSmtpSettings(Schema):
     user = NonEmptyString(required=True)
     password = NonEmptyString(required=True, data_key="pass")
     requireTls = LegacyBoolean(load_default=None)
+    maxConnections = StrictInteger(
+        load_default=None, allow_none=True, validate=validate.Range(min=1, max=MAX_CONNECTIONS)
+    )
     updatedAt = fields.String(load_default=None)
     updatedBy = fields.String(load_default=None, allow_none=True)
 

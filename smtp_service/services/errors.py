@@ -128,3 +128,16 @@ class NoServerConfigured(DomainError):
 
     def __init__(self) -> None:
         super().__init__("No SMTP server is configured for this account")
+
+
+class SmtpPoolBusy(DomainError):
+    """Every connection to the account's SMTP server stayed busy (or the server refused more)
+    while the request waited: nothing was sent, and the same request may be retried after
+    `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "All connections to the SMTP server are busy; nothing was sent. "
+            f"Retry after {retry_after} s"
+        )
+        self.retry_after = retry_after

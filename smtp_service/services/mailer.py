@@ -65,6 +65,7 @@ class Route:
     endpoint: SmtpEndpoint
     pool_account: str  # the pool keeps connections per (pool_account, endpoint)
     allowed_senders: frozenset[str]
+    pool_size: int | None = None  # connections kept for it; None: the pool's own size
 
 
 OPEN_WINDOW_SECONDS = 600  # fetches of one message by one reader within it count as one open
@@ -148,6 +149,7 @@ class Mailer:
         max_message_bytes: int,
         max_recipients: int,
         deadline_seconds: float = 150.0,
+        global_pool_size: int | None = None,
         transaction: Callable[[], AbstractContextManager[Any]] = nullcontext,
         global_domains: frozenset[str] = frozenset(),
     ) -> None:
@@ -165,6 +167,7 @@ class Mailer:
         # pending this long after it was made, plus a margin for building and recording the
         # message, belongs to a request that died, and a retry may take it over.
         self.deadline_seconds = deadline_seconds
+        self.global_pool_size = global_pool_size  # SMTP_GLOBAL_POOL_SIZE
         self.abandoned_seconds = int(deadline_seconds + ABANDON_MARGIN_SECONDS) + 1
         self.transaction = transaction  # writes inside it commit together (Database.write)
         self.storage_failures = 0  # writes that failed after the server took a message
@@ -199,7 +202,7 @@ class Mailer:
         if g is None:
             raise NoServerConfigured()
         allowed = {self.global_from.lower()} if self.global_from else set()
-        return Route("global", g, GLOBAL_KEY, frozenset(allowed))
+        return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size)
 
     # -- the request -----------------------------------------------------------------------
 
@@ -211,7 +214,9 @@ class Mailer:
         Returns the SendResult: "sent" (the server took it, perhaps refusing some recipients),
         "bounced" (the server refused it) or "failed" (no answer; `uncertain` when the content
         had gone out). Raises before anything is sent: InvalidInput (too many recipients, a bad
-        address), RecipientsSuppressed, NoServerConfigured, SenderNotVerified, MessageTooLarge.
+        address), RecipientsSuppressed, NoServerConfigured, SenderNotVerified, MessageTooLarge,
+        SmtpPoolBusy (no connection to the server became free in time; nothing is recorded).
+        The whole send ends within `deadline_seconds` (SMTP_DEADLINE).
 
         With an idempotency_key, a request equal to an earlier one with the same key (see
         SendRequest.digest) returns that request's result and sends nothing; a different
@@ -391,7 +396,11 @@ class Mailer:
         deadline = time.monotonic() + self.deadline_seconds
         try:
             delivery = self.pool.send(
-                route.pool_account, route.endpoint, envelope, deadline=deadline
+                route.pool_account,
+                route.endpoint,
+                envelope,
+                deadline=deadline,
+                size=route.pool_size,
             )
         except SendFailed as exc:
             return self._failed(

@@ -216,8 +216,13 @@ class Session:
         )
 
     def close(self) -> None:
-        """QUIT and close; never raises."""
+        """QUIT (within transport.QUIT_SECONDS) and close; never raises."""
         close_quietly(self.smtp)
+
+    def abort(self) -> None:
+        """Close without QUIT, for a connection that failed (it has nothing more to say, and a
+        QUIT could only wait); never raises."""
+        close_quietly(self.smtp, polite=False)
 
     # -- the steps of a transaction ------------------------------------------------------------
 
@@ -284,7 +289,11 @@ class Session:
         self, envelope: Envelope, pipelined: bool, owed: int
     ) -> tuple[list[str], dict[str, tuple[int, str]]]:
         """RCPT TO for each recipient (or its pipelined reply): (accepted, refused), refused
-        mapping address -> (code, reply). SendFailed("rcpt") when none was accepted."""
+        mapping address -> (code, reply). SendFailed("rcpt") when none was accepted, or when
+        the server answered 421: it is closing the session (RFC 5321 3.8), so the transaction
+        is over, no further reply is read (in a pipelined batch the ones still owed would be
+        read out of step) and the session is not used again; every recipient not refused
+        otherwise, accepted ones included, is refused with that 421 (none gets the message)."""
         smtp = self.smtp
         accepted: list[str] = []
         refused: dict[str, tuple[int, str]] = {}
@@ -295,17 +304,18 @@ class Session:
             else:
                 smtp.putcmd("rcpt", f"TO:<{rcpt}>")
                 code, reply = smtp.getreply()
+            if code == 421:
+                self.healthy = False
+                closing = (code, _text(reply))
+                raise SendFailed(
+                    "rcpt", refused={r: refused.get(r, closing) for r in envelope.recipients}
+                )
             if code in (250, 251):
                 accepted.append(rcpt)
             else:
                 refused[rcpt] = (code, _text(reply))
-            if code == 421:  # the server is closing: the rest cannot be tried here
-                for rest in envelope.recipients[len(accepted) + len(refused) :]:
-                    refused[rest] = (code, _text(reply))
-                break
         if not accepted:
-            closing = any(c == 421 for c, _ in refused.values())
-            self._reset(421 if closing else 0, owed)
+            self._reset(0, owed)
             raise SendFailed("rcpt", refused=refused)
         return accepted, refused
 
@@ -323,15 +333,20 @@ class Session:
     def _reset(self, code: int, owed: int = 0) -> None:
         """End a refused transaction with RSET (RFC 5321 4.1.1.5) so the connection can carry
         the next one; a 421 or a failed RSET marks it for closing (the refusal still stands).
-        The `owed` replies of a pipelined batch are read first; if DATA was answered 354 anyway,
-        the server waits for content that will never come, so the connection is closed instead
-        (without the final dot no message is taken)."""
+        The `owed` replies of a pipelined batch are read first, and a 421 among them ends the
+        reading. If DATA was answered 354 although every recipient was refused, the server
+        waits for content: a lone dot ends that empty transaction (RFC 2920 section 3.1; with
+        no recipient nothing is delivered) and the connection is kept."""
         if code == 421:
             self.healthy = False
             return
         try:
             for _ in range(owed):
-                if self.smtp.getreply()[0] in (354, 421):
+                reply = self.smtp.getreply()[0]
+                if reply == 354:
+                    self.smtp.send(".\r\n")
+                    reply = self.smtp.getreply()[0]
+                if reply == 421:
                     self.healthy = False
                     return
             self.healthy = self.smtp.rset()[0] == 250

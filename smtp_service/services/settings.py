@@ -138,7 +138,8 @@ class SettingsService:
         """Check the host, encrypt the password and store the account's settings.
 
         `settings` is an SmtpEndpoint (what SmtpSettingsInput loads), or a mapping with its
-        fields (host, port, secure, user, password, requireTls) for callers written before.
+        fields (host, port, secure, user, password, requireTls, maxConnections optional) for
+        callers written before.
         Returns what was stored (updated now, by user_id). InvalidInput on "host" when the
         host is not one (a mapping's host is normalised here, as the schema does for an
         SmtpEndpoint) or is one accounts may not use (SSRF guard).
@@ -166,6 +167,8 @@ class SettingsService:
             "updatedAt": stored.updated_at,
             "updatedBy": stored.updated_by,
         }
+        if endpoint.max_connections is not None:  # files without it stay as they were
+            document["maxConnections"] = endpoint.max_connections
         self.files.write(account_id, SETTINGS_FILE, document)
         self._cache.discard(account_id)
         self.on_change(account_id)
@@ -265,6 +268,7 @@ def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
         user=fields["user"],
         password=Secret(fields["password"]),
         require_tls=fields["requireTls"],
+        max_connections=fields.get("maxConnections"),
     )
 
 

@@ -59,6 +59,9 @@ class SmtpEndpoint:
     password: Secret | None = field(default=None)
     require_tls: bool = True
     trusted: bool = False  # the global server from the environment skips the SSRF check
+    # Most connections open at once to this server for the account (settings' maxConnections);
+    # None: the pool's size. It does not make a connection differ, so it is not compared.
+    max_connections: int | None = field(default=None, compare=False)
 
 
 # Kinds of failure a later retry can get past as they are (the server or network may recover);

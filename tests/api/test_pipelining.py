@@ -98,17 +98,39 @@ def test_refused_sender_in_a_batch(client, tokens, servers):
     assert server.connections == 1 and len(server.messages) == 1
 
 
-def test_354_after_every_recipient_was_refused_closes_the_connection(client, tokens, servers):
-    """A server that answers DATA with 354 although no RCPT was accepted waits for content:
-    none is sent and the connection is not reused (without the final dot nothing is taken)."""
+def test_354_after_every_recipient_was_refused_gets_a_lone_dot(client, tokens, servers):
+    """A server that answers DATA with 354 although no RCPT was accepted waits for content: a
+    lone dot ends that empty transaction (RFC 2920 section 3.1) and the connection carries the
+    next message."""
     server = servers(pipelining=True)
     _use(client, tokens, server)
     server.fault("data", "354 End data with <CR><LF>.<CR><LF>", times=1)
     r = _send(client, tokens, ["bad1@example.net"])
     assert r.status_code == 502 and r.json["bounce"]["type"] == "hard"
+    assert server.after_354 == [b""]
     assert server.messages == [] and server.unanswered == [] and server.refused == []
     assert _send(client, tokens, "ok@example.net").status_code == 200
-    assert server.connections == 2 and len(server.messages) == 1
+    assert server.connections == 1 and len(server.messages) == 1
+
+
+def test_a_421_in_the_middle_of_a_batch_reports_no_one_as_accepted(client, tokens, servers):
+    """RCPT a 250, RCPT b 421 (the server is closing), RCPT c 250, DATA 354: the answer stops
+    at the 421 (the replies after it are not read as if they were DATA's and RSET's), nothing
+    is sent, nobody is suppressed, and the failure is temporary."""
+    server = servers(pipelining=True)
+    server.handler.rcpt_replies["b"] = "421 4.7.0 Too many errors, closing"
+    _use(client, tokens, server)
+    r = _send(client, tokens, ["a@example.net", "b@example.net", "c@example.net"])
+    assert r.status_code == 502, r.json
+    assert (r.json["temporary"], r.json["category"]) == (True, "transient")
+    assert r.json["bounce"] == {"type": "soft", "code": 421, "enhancedCode": "4.7.0",
+                                "recipients": ["a@example.net", "b@example.net",
+                                               "c@example.net"]}
+    assert server.messages == [] and "RSET" not in server.verbs(1)
+    assert client.get("/api/suppressions", headers=tokens.headers()).json["suppressions"] == []
+    server.handler.rcpt_replies.clear()
+    assert _send(client, tokens, "a@example.net").status_code == 200
+    assert server.connections == 2  # the closing session was not used again
 
 
 def test_an_smtputf8_batch(client, tokens, servers):

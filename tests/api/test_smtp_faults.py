@@ -27,10 +27,11 @@ def servers(servers, request):
 
 @pytest.fixture
 def app_config(app_config, servers):
-    """Short SMTP timeouts. Asking for `servers` here starts them before the app, so they stop
+    """Short SMTP timeouts, and a short wait for a connection (a 421 at the greeting is tried
+    again until it ends). Asking for `servers` here starts them before the app, so they stop
     after the app's pool has QUIT its connections."""
     return {**app_config, "SMTP_TIMEOUT": str(TIMEOUT),
-            "SMTP_FINAL_REPLY_TIMEOUT": str(FINAL_REPLY)}
+            "SMTP_FINAL_REPLY_TIMEOUT": str(FINAL_REPLY), "SMTP_POOL_WAIT_SECONDS": "1"}
 
 
 @pytest.fixture

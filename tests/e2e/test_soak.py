@@ -1,5 +1,6 @@
-"""A short run of bench/soak.py in `make test`: load with settings churn and dropped SMTP
-connections through a real 2-worker gunicorn; nothing lost, nothing duplicated."""
+"""A short run of bench/soak.py in `make test`: load with settings churn, dropped SMTP
+connections, policy refusals, slow final replies and a relay without AUTH through a real
+2-worker gunicorn; nothing lost, nothing duplicated, nobody suppressed."""
 
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ def test_load_with_faults_loses_and_duplicates_nothing(tmp_path):
     assert report["sent_200"] > 200, report
     assert report["settings_changes"] >= 20, report
     assert sum(sum(d.values()) for d in report["connections_dropped"].values()) >= 5, report
+    assert sum(report["policy_refusals"].values()) >= 5, report  # issue #10's faults too
+    assert sum(report["slow_final_replies"].values()) >= 3, report
+    assert report["delivered_without_auth"] > 0, report
+    assert report["failed_by_category"].get("policy", 0) > 0, report
     assert report["duplicates"] == 0 and report["lost"] == 0 and report["wrong_server"] == 0
+    assert report["wrongly_suppressed"] == 0
     # Bounded per worker: descriptors grow by at most the pools' size (3 servers x 3 accounts
     # x 3 connections) plus a margin, memory by less than 64 MiB.
     for rss_growth, fd_growth in report["worker_growth_rss_kib_and_fds"].values():

@@ -208,19 +208,44 @@ def test_a_421_leaves_the_session_unhealthy(open_session, server, stage):
     assert not session.healthy and server.count("RSET") == 0
 
 
-def test_354_after_every_recipient_was_refused_leaves_the_session_unhealthy(
+def test_354_after_every_recipient_was_refused_gets_a_lone_dot_and_keeps_the_session(
     open_session, servers
 ):
     """Pipelined, DATA is sent before RCPT's replies are read; a server that answers it 354
-    waits for content that never comes. Without the final dot nothing is taken."""
+    waits for content. A lone dot ends that transaction without recipients (RFC 2920 3.1:
+    nothing is delivered) and the session carries the next message."""
     server = servers(pipelining=True)
     session = open_session(server)
     server.fault("data", "354 Go ahead", times=1)
     with pytest.raises(SendFailed) as failure:
         session.transact(envelope("bad@example.net"))
     assert failure.value.phase == "rcpt"
-    assert not session.healthy and server.count("RSET") == 0
+    assert session.healthy and server.after_354 == [b""]  # the lone dot, no content
     assert server.messages == [] and server.unanswered == []
+    session.transact(envelope())
+    assert server.connections == 1 and len(server.messages) == 1
+    assert server.verbs(1)[-5:-3] == ["DATA", "RSET"]
+
+
+@pytest.mark.parametrize("position", [0, 1, 2], ids=["first", "middle", "last"])
+def test_a_421_among_the_recipients_ends_the_session_in_step(open_session, server, position):
+    """A 421 for one RCPT (the server is closing) ends the transaction there: no reply after it
+    is read (pipelined, those of the other RCPTs and DATA would be read out of step, and an
+    accepted recipient reported refused by a reply that was not its own), no content is
+    sent, and every recipient, accepted ones included, is reported with the 421. The server
+    here keeps answering after its 421, as some do."""
+    names = ["a@example.net", "b@example.net", "c@example.net"]
+    local = names[position].split("@")[0]
+    server.handler.rcpt_replies[local] = "421 4.7.0 Too many errors, closing"
+    session = open_session(server)
+    with pytest.raises(SendFailed) as failure:
+        session.transact(envelope(*names))
+    error = failure.value
+    assert error.phase == "rcpt" and error.transport is None and not error.uncertain
+    assert error.refused == dict.fromkeys(names, (421, "4.7.0 Too many errors, closing"))
+    assert not session.healthy
+    assert server.messages == [] and server.unanswered == [] and server.after_354 == []
+    assert "RSET" not in server.verbs(1)
 
 
 # -- the connection fails: SendFailed, or StaleConnection before content on a reused one --------
