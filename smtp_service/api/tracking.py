@@ -45,3 +45,7 @@ def limit_opens(app: Flask) -> None:
     # the limit is checked by the wrapper the decorator returns: it replaces the view
     app.view_functions[endpoint] = limiter.limit(app.config["TRACKING_RATE_LIMIT"])(open_pixel)
     app.extensions["tracking_limiter"] = limiter
+    # init_app also checks every request of the app before it runs, to apply default limits
+    # (there are none): on the send path that cost about 0.3 ms a request. The pixel's limit is
+    # checked by the wrapper above, so the app-wide check goes.
+    app.before_request_funcs[None].remove(limiter._check_request_limit)
