@@ -47,8 +47,12 @@ def test_settings_change_reaches_every_worker(live_service: LiveService, smtp_fa
     live = live_service
     token = live.token(ACCOUNT)
     old, new = live.account_server, smtp_factory("starttls")
-    # The account's own user is a verified sender, so one `from` works on every route.
+    # The account's own user is a confirmed sender, so one `from` works on every route.
     assert live.request("POST", "/api/senders", {"email": SMTP_USER}, token=token).status == 201
+    confirmation = live.global_server.messages.pop()  # the code, sent through the global server
+    code = re.search(r"[A-Z2-7]{4}(?:-[A-Z2-7]{4}){3}", confirmation.message.get_content()).group(0)
+    r = live.request("POST", f"/api/senders/{SMTP_USER}/confirm", {"code": code}, token=token)
+    assert r.status == 200, r.text
     assert live.request("POST", "/api/smtp/settings", _settings(old), token=token).status == 200
 
     mark = len(live.log_text())
