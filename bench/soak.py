@@ -55,6 +55,8 @@ SECRET = "soak-secret-" + "s" * 40
 USER, PASSWORD = "soak@example.com", "soak-password-456"
 GLOBAL_USER, GLOBAL_PASSWORD = "global@example.com", "global-password-789"
 GLOBAL_FROM = USER  # the same address is allowed through the global server
+# Seconds a client waits for an answer: past SMTP_DEADLINE, which bounds every send.
+CLIENT_TIMEOUT = 200
 
 
 def free_port() -> int:
@@ -233,14 +235,19 @@ def token(account: str) -> str:
 
 
 class Client:
-    """One keep-alive HTTP connection."""
+    """One keep-alive HTTP connection. A request whose connection fails is sent once more on a
+    new one (gunicorn may close a kept-alive connection as the request goes out); `retried`
+    lists (body, exception, seconds) of those, since a retry of a request the service did get
+    would send its message twice."""
+
+    retried: list[tuple[Any, str, float]] = []  # shared by every client of a run
 
     def close(self) -> None:
         self.conn.close()
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
 
     def call(self, method: str, path: str, auth: str, body: Any = None) -> tuple[int, Any]:
         payload = json.dumps(body).encode() if body is not None else None
@@ -248,13 +255,16 @@ class Client:
         if payload is not None:
             headers["Content-Type"] = "application/json"
         for attempt in (1, 2):
+            began = time.monotonic()
             try:
                 self.conn.request(method, path, body=payload, headers=headers)
                 resp = self.conn.getresponse()
                 return resp.status, json.loads(resp.read() or b"null")
-            except (http.client.HTTPException, OSError):
+            except (http.client.HTTPException, OSError) as exc:
                 self.conn.close()
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                                       timeout=CLIENT_TIMEOUT)
+                Client.retried.append((body, type(exc).__name__, time.monotonic() - began))
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -289,6 +299,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the soak and return its figures and any violations."""
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's deprecation chatter
+    Client.retried.clear()
     work = tempfile.mkdtemp(prefix="soak-")
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
@@ -478,7 +489,15 @@ def run(
     for name, (_, handler) in servers.items():
         for subject, count in handler.subjects.items():
             landed.setdefault(subject, []).extend([name] * count)
+    # Only the soak's own messages count: the service sends some of its own (a confirmation
+    # code for each new sender, all with one subject).
+    sent = {subject for subject, *_ in outcome.ok} | {subject for subject, *_ in outcome.failed}
+    landed = {subject: where for subject, where in landed.items() if subject in sent}
     duplicates = sum(1 for where in landed.values() if len(where) > 1)
+    retried = {b["subject"] for b, _, _ in Client.retried if isinstance(b, dict) and "subject" in b}
+    duplicated_after_retry = sum(
+        1 for subject, where in landed.items() if len(where) > 1 and subject in retried
+    )
     lost = wrong_server = 0
     for subject, account, t0, t1 in outcome.ok:
         where = landed.get(subject, [])
@@ -538,7 +557,9 @@ def run(
         "delivered_without_auth": relay.unauthenticated,
         "failed_by_category": dict(outcome.categories),
         "slowest_200_s": round(outcome.slowest_200, 2),
+        "client_retries": [(e, round(t, 2)) for _, e, t in Client.retried],
         "duplicates": duplicates,
+        "duplicates_after_a_client_retry": duplicated_after_retry,
         "lost": lost,
         "wrong_server": wrong_server,
         "failed_but_delivered": failed_but_delivered,

@@ -52,6 +52,7 @@ class LegacyBoolean(fields.Boolean):
             return value.strip().lower() == "true"
         raise self.make_error("invalid", input=value)
 
+
 MAX_CONNECTIONS = 100  # an account's cap on connections to its server (maxConnections)
 
 

@@ -358,7 +358,13 @@ class Mailer:
         )
         envelope = Envelope(sender.address, (recipient.address,), raw, recipient.needs_smtputf8)
         try:
-            delivery = self.pool.send(route.pool_account, route.endpoint, envelope)
+            delivery = self.pool.send(
+                route.pool_account,
+                route.endpoint,
+                envelope,
+                deadline=time.monotonic() + self.deadline_seconds,
+                size=route.pool_size,
+            )
         except SendFailed as exc:
             if exc.transport is not None:
                 reason = exc.transport.text

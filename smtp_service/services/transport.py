@@ -430,8 +430,8 @@ def connect(
             conn.authenticated = True
         return conn
     except BaseException as exc:
-        if conn is not None:
-            close_quietly(conn, polite=_still_talking(exc))
+        if conn is not None:  # a QUIT only where the server still talks, and a short one
+            close_quietly(conn, polite=_still_talking(exc), seconds=FAILED_QUIT_SECONDS)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise describe_failure(exc, endpoint) from None
@@ -502,17 +502,21 @@ def _ehlo(conn: smtplib.SMTP) -> None:
         raise smtplib.SMTPHeloError(code, reply)
 
 
-# How long a QUIT may take: it is a courtesy, and nothing waits for its answer but a closer.
+# How long a QUIT may take: it is a courtesy. The pool's reaper gives it QUIT_SECONDS; a
+# connection that failed while the request waits (a refused AUTH) gets FAILED_QUIT_SECONDS.
 QUIT_SECONDS = 5.0
+FAILED_QUIT_SECONDS = 1.0
 
 
-def close_quietly(conn: smtplib.SMTP, *, polite: bool = True) -> None:
-    """QUIT (when `polite`: the server is still talking) within QUIT_SECONDS, the command
-    timeout and the connection's deadline, then close; never raises."""
+def close_quietly(
+    conn: smtplib.SMTP, *, polite: bool = True, seconds: float = QUIT_SECONDS
+) -> None:
+    """QUIT (when `polite`: the server is still talking) within `seconds`, the command timeout
+    and the connection's deadline, then close; never raises."""
     if polite:
         try:
             if isinstance(conn, BoundedSMTP):  # within its deadline too, if it has one
-                limit = time.monotonic() + min(QUIT_SECONDS, conn.timeouts.command)
+                limit = time.monotonic() + min(seconds, conn.timeouts.command)
                 conn.deadline = limit if conn.deadline is None else min(limit, conn.deadline)
             conn.quit()
         except Exception:  # noqa: BLE001 - a dead connection only needs closing
