@@ -77,22 +77,22 @@ def db() -> None:
 @with_appcontext
 def db_upgrade() -> None:
     """Apply every pending migration (the service also does this when it starts)."""
-    from smtp_service.storage.migrate import current, head
-
     database = current_app.extensions["smtp_service"].database
     database.migrate()
-    with database.engine.connect() as conn:
-        revision = current(conn)
-    click.echo(f"database at revision {revision} (newest {head()})")
+    _echo_revision(database)
 
 
 @db.command("current")
 @with_appcontext
 def db_current() -> None:
     """Print the database's migration revision and the newest one."""
+    _echo_revision(current_app.extensions["smtp_service"].database)
+
+
+def _echo_revision(database) -> None:  # noqa: ANN001 - a storage.database.Database
     from smtp_service.storage.migrate import current, head
 
-    with current_app.extensions["smtp_service"].database.engine.connect() as conn:
+    with database.engine.connect() as conn:
         revision = current(conn)
     click.echo(f"database at revision {revision} (newest {head()})")
 
