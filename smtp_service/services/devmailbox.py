@@ -130,8 +130,8 @@ def parse_catcher_address(text: str) -> CatcherAddress:
 @dataclass(frozen=True)
 class CaughtMessage:
     """One message the catcher kept: the envelope (MAIL FROM, RCPT TO), the Subject, the
-    Message-ID, the plain-text body ("" when it has none), the file name in the outbox and
-    its modification time in nanoseconds since the epoch."""
+    Message-ID, the plain-text body ("" when it has none; line ends as LF), the file name in
+    the outbox and its modification time in nanoseconds since the epoch."""
 
     mail_from: str
     rcpt_tos: tuple[str, ...]
@@ -144,8 +144,9 @@ class CaughtMessage:
 
 def read_mailbox(outbox: str, *, to: str | None = None, limit: int = 50) -> list[CaughtMessage]:
     """The newest `limit` messages in the outbox (to `to`, compared without letter case, when
-    given), oldest first. A missing outbox is empty; files that cannot be read or parsed are
-    skipped. Reads only headers until a message matches."""
+    given), oldest first. A missing outbox is empty; files that cannot be read or parsed, or
+    that the catcher did not write (no X-Envelope-To), are skipped. Only the headers of a file
+    are parsed until it matches."""
     try:
         entries = [e for e in os.scandir(outbox) if e.name.endswith(".eml") and e.is_file()]
     except OSError:
@@ -167,9 +168,10 @@ def read_mailbox(outbox: str, *, to: str | None = None, limit: int = 50) -> list
         except OSError:
             continue
         headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
-        rcpt_tos = tuple(
-            a.strip() for a in str(headers.get("X-Envelope-To", "")).split(",") if a.strip()
-        )
+        envelope_to = headers.get("X-Envelope-To")
+        if envelope_to is None:
+            continue  # not written by the catcher
+        rcpt_tos = tuple(a.strip() for a in str(envelope_to).split(",") if a.strip())
         if wanted is not None and wanted not in (a.lower() for a in rcpt_tos):
             continue
         try:
@@ -187,7 +189,7 @@ def _caught(raw: bytes, rcpt_tos: tuple[str, ...], name: str, received_ns: int) 
         rcpt_tos=rcpt_tos,
         subject=str(message.get("Subject", "")),
         message_id=str(message.get("Message-ID", "")).strip("<> "),
-        text=body.get_content() if body is not None else "",
+        text=body.get_content().replace("\r\n", "\n") if body is not None else "",
         file=name,
         received_ns=received_ns,
     )
