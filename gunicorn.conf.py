@@ -53,7 +53,7 @@ def on_starting(server):
     global _catcher
     if os.environ.get("SMTP_HOST"):
         return
-    port = os.environ.get("DEV_SMTP_PORT", "1025")
+    port = os.environ.get("DEV_SMTP_PORT", "").strip() or "1025"
     _catcher = subprocess.Popen(
         [sys.executable, "-m", "smtp_service.devmail", "--port", port],
     )
