@@ -171,6 +171,7 @@ def made_run(tmp_path: Path) -> Iterator[MadeRun]:
         made.interrupt()
 
 
+@pytest.mark.timeout(360)  # make, gunicorn and two newman runs (each with the 5 s slow accept)
 def test_the_shipped_collection_runs_green_against_make_run(
     made_run: MadeRun, tmp_path: Path
 ) -> None:
