@@ -294,6 +294,11 @@ def test_only_the_catchers_address_is_allowed_and_only_while_it_runs(
 def test_the_mailbox_view(world, tmp_path) -> None:
     client, catcher = world
     assert client.get("/api/dev/mailbox").status_code == 401
+    forged = Tokens(secret="another-secret-0123456789-abcdefghijklmnop").headers("acct-sim")
+    expired = Tokens().headers("acct-sim", exp=int(time.time()) - 600)
+    for bad in (forged, expired, {"Authorization": "Bearer not-a-jwt"}):
+        r = client.get("/api/dev/mailbox", headers=bad)
+        assert r.status_code == 401 and "messages" not in r.get_json()
     empty = client.get("/api/dev/mailbox", headers=_auth()).get_json()
     assert empty == {
         "smtp": {"host": "127.0.0.1", "port": catcher.port},
