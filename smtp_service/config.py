@@ -96,8 +96,9 @@ def _dev_catcher(
 ) -> CatcherAddress | None:
     """DEV_MAIL_CATCHER: the development mail catcher's address, set by gunicorn.conf.py when
     `make run` started it (never by hand). Only a loopback IP and port that are also the global
-    server's (SMTP_HOST, SMTP_PORT): a configuration with a real global server never has it, so
-    no production instance allows accounts onto loopback through it."""
+    server's (smtp_host as normalised from SMTP_HOST, None when unset; smtp_port): a
+    configuration with a real global server never has it, so no production instance allows
+    accounts onto loopback through it. Raises ConfigError naming the variable."""
     raw = env.get("DEV_MAIL_CATCHER", "").strip()
     if not raw:
         return None
@@ -105,8 +106,7 @@ def _dev_catcher(
         catcher = parse_catcher_address(raw)
     except ValueError as exc:
         raise ConfigError(f"DEV_MAIL_CATCHER {raw!r} {exc}") from None
-    if smtp_host is None or (catcher.host, catcher.port) != (_host(smtp_host, "SMTP_HOST"),
-                                                                smtp_port):
+    if (catcher.host, catcher.port) != (smtp_host, smtp_port):  # smtp_host: normalised
         raise ConfigError(
             "DEV_MAIL_CATCHER is set by `make run` when it starts the development mail "
             "catcher as the global server; it cannot be used with another SMTP_HOST/SMTP_PORT"
