@@ -1,4 +1,5 @@
-# smtp-service: `make run` starts the service, `make test` runs every test.
+# smtp-service: `make run` starts the service, `make test` runs every test, `make postman` runs
+# the Postman collection against the service `make run` started.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 NEWMAN := node_modules/.bin/newman
 
-.PHONY: run test lint bench bench-deps soak clean
+.PHONY: run test lint postman bench bench-deps soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,15 @@ $(NEWMAN): package.json
 
 run: $(STAMP) .env
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+
+# The README's Postman collection and environment with newman, against `make run` (on BIND, or
+# BASE_URL), jwtSecret taken from .env.
+BASE_URL ?= http://$(or $(BIND),127.0.0.1:8000)
+postman: $(NEWMAN)
+	@test -f .env || { echo "no .env: start the service with make run first"; exit 1; }
+	$(NEWMAN) run postman/smtp-service.postman_collection.json \
+		-e postman/local.postman_environment.json --env-var baseUrl=$(BASE_URL) \
+		--env-var "jwtSecret=$$(sed -n 's/^JWT_SECRET_KEY=//p' .env)"
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

@@ -46,11 +46,14 @@ _catcher = None
 
 
 def on_starting(server):
-    """With no SMTP_HOST, start the development mail catcher and point the global server at it."""
+    """With no SMTP_HOST, start the development mail catcher, point the global server at it and
+    name it in DEV_MAIL_CATCHER, which the workers inherit: while it is set, accounts may use the
+    catcher as their own server (its address and port only) and /api/dev/mailbox lists what it
+    received (README, "Mailbox simulator")."""
     global _catcher
     if os.environ.get("SMTP_HOST"):
         return
-    port = os.environ.get("DEV_SMTP_PORT", "1025")
+    port = os.environ.get("DEV_SMTP_PORT", "").strip() or "1025"
     _catcher = subprocess.Popen(
         [sys.executable, "-m", "smtp_service.devmail", "--port", port],
     )
@@ -62,6 +65,7 @@ def on_starting(server):
         SMTP_REQUIRE_TLS="false",
         SMTP_USER="",
         SMTP_PASS="",
+        DEV_MAIL_CATCHER=f"127.0.0.1:{port}",
     )
     if not os.environ.get("SMTP_FROM"):  # .env.example leaves it empty
         os.environ["SMTP_FROM"] = "dev@example.com"

@@ -15,6 +15,7 @@ from flask import Flask
 
 from smtp_service.config import ConfigError, load_config
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
+from smtp_service.services.devmailbox import CatcherAddress
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import TransportPool
@@ -43,7 +44,15 @@ class Services:
             self.box = SecretBox(keys)
         except KeyConfigError as exc:
             raise ConfigError(str(exc)) from None
-        self.guard = HostGuard(tuple(config["SMTP_HOST_ALLOWLIST"]))
+        # While `make run`'s development mail catcher runs (DEV_MAIL_CATCHER), accounts may use
+        # it as their own server: its address and port, nothing else on loopback.
+        self.dev_catcher: CatcherAddress | None = config.get("DEV_MAIL_CATCHER")
+        self.guard = HostGuard(
+            tuple(config["SMTP_HOST_ALLOWLIST"]),
+            dev_catcher=(
+                (self.dev_catcher.host, self.dev_catcher.port) if self.dev_catcher else None
+            ),
+        )
         self.files = AccountFiles(self.data_dir)
         self.global_endpoint = global_endpoint(config)
         self.timeouts = smtp_timeouts(config)
@@ -225,10 +234,12 @@ def register_error_handlers(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP routes."""
-    from smtp_service.api import health, messages, openapi, senders, settings, tracking
+    from smtp_service.api import dev, health, messages, openapi, senders, settings, tracking
 
     for module in (health, openapi, settings, messages, senders, tracking):
         app.register_blueprint(module.bp)
+    if app.config.get("DEV_MAIL_CATCHER") is not None:  # only while make run's catcher runs
+        app.register_blueprint(dev.bp)
 
 
 def register_rate_limits(app: Flask) -> None:

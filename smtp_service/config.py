@@ -10,6 +10,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from smtp_service.services.devmailbox import CatcherAddress, parse_catcher_address
 from smtp_service.services.hostnames import InvalidHost, normalise_host
 from smtp_service.signing_keys import (
     PUBLIC_KEY_ALGORITHMS,
@@ -88,6 +89,29 @@ def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
         else:  # in the form hosts are compared in: "Bücher.example." is xn--bcher-kva.example
             entries.append(_host(item, "SMTP_HOST_ALLOWLIST entry"))
     return tuple(entries)
+
+
+def _dev_catcher(
+    env: Mapping[str, str], smtp_host: str | None, smtp_port: int
+) -> CatcherAddress | None:
+    """DEV_MAIL_CATCHER: the development mail catcher's address, set by gunicorn.conf.py when
+    `make run` started it (never by hand). Only a loopback IP and port that are also the global
+    server's (smtp_host as normalised from SMTP_HOST, None when unset; smtp_port): a
+    configuration with a real global server never has it, so no production instance allows
+    accounts onto loopback through it. Raises ConfigError naming the variable."""
+    raw = env.get("DEV_MAIL_CATCHER", "").strip()
+    if not raw:
+        return None
+    try:
+        catcher = parse_catcher_address(raw)
+    except ValueError as exc:
+        raise ConfigError(f"DEV_MAIL_CATCHER {raw!r} {exc}") from None
+    if (catcher.host, catcher.port) != (smtp_host, smtp_port):  # smtp_host: normalised
+        raise ConfigError(
+            "DEV_MAIL_CATCHER is set by `make run` when it starts the development mail "
+            "catcher as the global server; it cannot be used with another SMTP_HOST/SMTP_PORT"
+        )
+    return catcher
 
 
 def _host(value: str, name: str) -> str:
@@ -303,6 +327,7 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         **_smtp_timeouts(env),
         "SMTP_EHLO_NAME": _ehlo_name(env),
         "SMTP_HOST_ALLOWLIST": _allowlist(env),
+        "DEV_MAIL_CATCHER": _dev_catcher(env, smtp_host, smtp_port),
         "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
         "MAX_CONTENT_LENGTH": max_request,
         "LOG_LEVEL": _log_level(env),

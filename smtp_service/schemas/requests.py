@@ -392,3 +392,18 @@ class SenderConfirmInput(Schema):
             "description": "The code of the confirmation message sent to the address.",
         },
     )
+
+
+class MailboxQuery(Schema):
+    """GET /api/dev/mailbox?to=&limit= (only while `make run`'s mail catcher runs)."""
+
+    to = fields.String(
+        load_default=None,
+        validate=[_no_control_chars, validate.Length(min=1, max=MAX_MAILBOX_LENGTH)],
+        metadata={"description": "Only messages with this envelope recipient."},
+    )
+    limit = fields.Integer(
+        load_default=50,
+        validate=validate.Range(min=1, max=500),
+        metadata={"description": "The newest this many messages (1-500, default 50)."},
+    )

@@ -290,3 +290,33 @@ class SuppressionList(Schema):
     """GET /api/suppressions."""
 
     suppressions = fields.List(fields.Nested(Suppression))
+
+
+# -- the development mail catcher (only while `make run` runs it) --------------------------------
+
+
+class CatcherEndpoint(Schema):
+    """Where the catcher takes SMTP: accounts may save it as their own server."""
+
+    host = fields.String(required=True)
+    port = fields.Integer(required=True)
+
+
+class CaughtMessage(Schema):
+    """A message the catcher kept in DATA_DIR/outbox (a services.devmailbox.CaughtMessage)."""
+
+    from_ = fields.String(data_key="from", attribute="mail_from", required=True)
+    to = fields.List(fields.String(), attribute="rcpt_tos", required=True)
+    subject = fields.String(required=True)
+    messageId = fields.String(attribute="message_id", required=True)
+    text = fields.String(required=True)
+    file = fields.String(required=True)
+
+
+class DevMailbox(Schema):
+    """GET /api/dev/mailbox: the catcher's address, the simulator's domain and its messages,
+    oldest first."""
+
+    smtp = fields.Nested(CatcherEndpoint, required=True)
+    simulatorDomain = fields.String(required=True)
+    messages = fields.List(fields.Nested(CaughtMessage), required=True)

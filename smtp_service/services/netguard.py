@@ -75,9 +75,15 @@ def is_public(ip: IPAddress) -> bool:
 
 @dataclass(frozen=True)
 class HostGuard:
-    """Decides which address to dial for a host; allowlisted names and CIDRs skip the check."""
+    """Decides which address to dial for a host; allowlisted names and CIDRs skip the check.
+
+    dev_catcher: the development mail catcher's (loopback IP, port) while `make run` runs it
+    (DEV_MAIL_CATCHER), else None; exactly that address and port is allowed, nothing else on
+    loopback.
+    """
 
     allowlist: tuple[str, ...] = ()
+    dev_catcher: tuple[str, int] | None = None
 
     def _allowed(self, host: str, ip: IPAddress) -> bool:
         for entry in self.allowlist:
@@ -88,6 +94,12 @@ class HostGuard:
             elif entry == host.lower().rstrip("."):
                 return True
         return False
+
+    def _is_dev_catcher(self, ip: IPAddress, port: int) -> bool:
+        if self.dev_catcher is None:
+            return False
+        host, catcher_port = self.dev_catcher
+        return port == catcher_port and ip == ipaddress.ip_address(host)
 
     def resolve(self, host: str, port: int, *, trusted: bool = False) -> str:
         """Resolve once and return the IP to connect to; raise HostRefused or HostUnresolved.
@@ -113,7 +125,9 @@ class HostGuard:
             raise HostUnresolved(f"DNS lookup failed for {host}")
         if not trusted:
             for ip in addresses:
-                if not (is_public(ip) or self._allowed(host, ip)):
+                if not (
+                    is_public(ip) or self._allowed(host, ip) or self._is_dev_catcher(ip, port)
+                ):
                     raise HostRefused()
         return list(dict.fromkeys(str(ip) for ip in addresses))
 

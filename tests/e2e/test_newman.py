@@ -1,29 +1,40 @@
-"""The Postman collection, run by newman against real gunicorn and real SMTP servers."""
+"""The Postman collection, run by newman against real gunicorn started as `make run` starts it:
+no SMTP_HOST, so gunicorn.conf.py starts the development mail catcher (global server, the
+account's own server, the mailbox simulator; README "Mailbox simulator"). The collection and
+the environment are used as shipped, with only `baseUrl` and `jwtSecret` given.
+tests/e2e/test_shipped.py runs the same files against `make run` itself."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, SMTP_PASSWORD, SMTP_USER, LiveService
+from smtp_service.services.devmailbox import SIMULATOR_DOMAIN, read_mailbox
+from tests.e2e.conftest import (
+    REPO_ROOT,
+    LiveService,
+    free_port,
+    service_environment,
+    start_live,
+)
+from tests.smtpd import SmtpServer
 
 pytestmark = pytest.mark.e2e
 
 NEWMAN = REPO_ROOT / "node_modules" / ".bin" / "newman"
 COLLECTION = REPO_ROOT / "postman" / "smtp-service.postman_collection.json"
 ENVIRONMENT = REPO_ROOT / "postman" / "local.postman_environment.json"
-NEWMAN_TIMEOUT = 120
+NEWMAN_TIMEOUT = 180
 
 
-def _require_newman() -> None:
+def require_newman() -> None:
+    """Skip (fail under CI) when newman is not installed."""
     if NEWMAN.exists():
         return
     if os.environ.get("CI"):
@@ -31,75 +42,31 @@ def _require_newman() -> None:
     pytest.skip(f"newman is not installed ({NEWMAN} missing): run `npm install`")
 
 
-def _collection_variable(name: str) -> str:
+def collection_variable(name: str) -> str:
     collection = json.loads(COLLECTION.read_text(encoding="utf-8"))
     return next(v["value"] for v in collection["variable"] if v["key"] == name)
 
 
-@contextmanager
-def mailbox(server) -> Iterator[str]:  # noqa: ANN001 - tests.smtpd.SmtpServer
-    """A mail catcher's HTTP view of what `server` received, for the collection to read the
-    confirmation code from: GET /messages -> {"messages": [{"to", "from", "subject", "text"}]}.
-    Yields its base URL."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            messages = []
-            for received in list(server.messages):
-                body = received.message.get_body(("plain",))
-                messages.append(
-                    {
-                        "to": received.rcpt_tos,
-                        "from": received.mail_from,
-                        "subject": received.message["Subject"],
-                        "text": body.get_content() if body is not None else "",
-                    }
-                )
-            data = json.dumps({"messages": messages}).encode()
-            self.send_response(200 if self.path.split("?")[0] == "/messages" else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:  # quiet
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def environment_value(name: str) -> str:
+    environment = json.loads(ENVIRONMENT.read_text(encoding="utf-8"))
+    return next(v["value"] for v in environment["values"] if v["key"] == name)
 
 
-def _count_requests(items: list[dict]) -> int:
-    return sum(_count_requests(i["item"]) if "item" in i else 1 for i in items)
+def count_requests(items: list[dict]) -> int:
+    return sum(count_requests(i["item"]) if "item" in i else 1 for i in items)
 
 
-def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) -> None:
-    _require_newman()
-    live = live_service
-    wrong_password = _collection_variable("wrongSmtpPass")
-    live.secrets.append(wrong_password)
-    report_path = tmp_path / "report.json"
-    env_vars = {
-        "baseUrl": live.base_url,
-        "jwtSecret": live.jwt_secret,
-        "smtpHost": "localhost",
-        "smtpPort": str(live.account_server.port),
-        "smtpUser": SMTP_USER,
-        "smtpPass": SMTP_PASSWORD,
-        "globalFrom": "noreply@example.com",  # the service's SMTP_FROM (tests/e2e/conftest.py)
-    }
+def run_newman(
+    env_vars: dict[str, str], report_path: Path, *, cwd: Path = REPO_ROOT
+) -> tuple[dict[str, Any], str]:
+    """newman over the shipped collection and environment with `env_vars` (--env-var each);
+    returns the JSON report's run and newman's output."""
     command = [
         str(NEWMAN),
         "run",
-        str(COLLECTION),
+        str(cwd / "postman" / COLLECTION.name),
         "--environment",
-        str(ENVIRONMENT),
+        str(cwd / "postman" / ENVIRONMENT.name),
         "--reporters",
         "cli,json",
         "--reporter-json-export",
@@ -108,27 +75,27 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
         "off",
         "--disable-unicode",
         "--timeout-request",
-        "20000",
+        "30000",
     ]
     for key, value in env_vars.items():
         command += ["--env-var", f"{key}={value}"]
-
-    with mailbox(live.global_server) as mailbox_url:
-        command += ["--env-var", f"mailboxUrl={mailbox_url}"]
-        result = subprocess.run(
-            command,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=NEWMAN_TIMEOUT,
-            check=False,
-        )
+    result = subprocess.run(
+        command,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=NEWMAN_TIMEOUT,
+        check=False,
+    )
     output = result.stdout + result.stderr
     print(output)  # newman's summary table, shown by pytest on failure (or with -rP / -s)
     assert result.returncode == 0, f"newman failed ({result.returncode}):\n{output}"
+    return json.loads(report_path.read_text(encoding="utf-8"))["run"], output
 
-    run = json.loads(report_path.read_text(encoding="utf-8"))["run"]
+
+def assert_run_green(run: dict[str, Any], output: str) -> None:
+    """Every request ran, every assertion and script passed."""
     stats = run["stats"]
     assert stats["assertions"]["total"] > 0, output
     assert stats["assertions"]["failed"] == 0, output
@@ -136,32 +103,93 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
     assert stats["prerequestScripts"]["failed"] == 0, output
     assert run["failures"] == [], output
     collection = json.loads(COLLECTION.read_text(encoding="utf-8"))
-    expected_requests = _count_requests(collection["item"])
-    assert stats["requests"]["total"] == expected_requests, output
+    assert stats["requests"]["total"] == count_requests(collection["item"]), output
     assert stats["requests"]["failed"] == 0, output
 
-    # The collection really talked to the SMTP servers: the test logins reached the account's
-    # server (right, then wrong password); the sends landed where the collection says.
-    assert (SMTP_USER, True) in live.account_server.auth_attempts
-    assert (SMTP_USER, False) in live.account_server.auth_attempts
-    subjects = [m.message["Subject"] for m in live.account_server.messages]
-    # custom, verified sender, idempotent (once for two requests), partial rejection
-    assert len(subjects) == 4, subjects
-    assert [m.rcpt_tos for m in live.account_server.messages][-1] == ["rcpt@example.net"]
-    # the global server got: a confirmation for each sender added (from SMTP_FROM), the send
-    # from the sender confirmed with its code, and the send from SMTP_FROM
-    confirmations = [
+
+@pytest.fixture
+def catcher_service(
+    tmp_path: Path, trust_test_ca: str, global_server: SmtpServer
+) -> Iterator[LiveService]:
+    """gunicorn (2 workers) configured as `make run` leaves it: no SMTP_HOST (the development
+    mail catcher on a free port, started by gunicorn.conf.py), no SMTP_HOST_ALLOWLIST, no
+    SMTP_FROM. global_server is configured nowhere: it must receive nothing."""
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = service_environment(
+        port=port,
+        data_dir=data_dir,
+        ca_file=trust_test_ca,
+        global_server=global_server,
+        SMTP_HOST="",
+        SMTP_PORT="",
+        SMTP_USER="",
+        SMTP_PASS="",
+        SMTP_FROM="",
+        SMTP_HOST_ALLOWLIST="",
+        DEV_SMTP_PORT=str(free_port()),
+    )
+    live = start_live(
+        port=port,
+        data_dir=data_dir,
+        log_path=tmp_path / "gunicorn.log",
+        env=env,
+        global_server=global_server,
+        account_server=global_server,
+    )
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def test_postman_collection_passes(catcher_service: LiveService, tmp_path: Path) -> None:
+    require_newman()
+    live = catcher_service
+    smtp_user = environment_value("smtpUser")
+    live.secrets += [collection_variable("wrongSmtpPass"), environment_value("smtpPass")]
+    env_vars = {"baseUrl": live.base_url, "jwtSecret": live.jwt_secret}
+    run, output = run_newman(env_vars, tmp_path / "report.json")
+    assert_run_green(run, output)
+
+    # What the catcher kept: every accepted message, nothing for a refused recipient.
+    caught = read_mailbox(str(live.data_dir / "outbox"), limit=500)
+    envelopes = [(m.mail_from, m.rcpt_tos) for m in caught]
+    refused = {f"{name}@{SIMULATOR_DOMAIN}" for name in ("soft-bounce", "blocked")}
+    assert not [m for m in caught for rcpt in m.rcpt_tos if rcpt in refused], envelopes
+    assert not [
         m
-        for m in live.global_server.messages
-        if m.message["Subject"] == "Confirm your sender address"
-    ]
+        for m in caught
+        for rcpt in m.rcpt_tos
+        if rcpt.startswith(("bounce+", "mailbox-full+")) and rcpt.endswith(SIMULATOR_DOMAIN)
+    ], envelopes
+    # custom route: the first send, the idempotent one (once for two requests), the partial
+    # rejection's accepted half; the verified sender's; the simulator's slow and success.
+    assert envelopes.count((smtp_user, ("rcpt@example.net",))) == 3, envelopes
+    account = "acct-postman-a"
+    assert (f"sender-{account}@example.com", ("rcpt@example.net", "cc@example.net")) in envelopes
+    assert (smtp_user, (f"slow@{SIMULATOR_DOMAIN}",)) in envelopes
+    assert (smtp_user, (f"success@{SIMULATOR_DOMAIN}",)) in envelopes
+    # global route (the same catcher): a confirmation for each sender added, from SMTP_FROM
+    # (make run's dev@example.com), the send from the confirmed sender, the send from SMTP_FROM.
+    confirmations = [m for m in caught if m.subject == "Confirm your sender address"]
     assert [m.rcpt_tos for m in confirmations] == [
-        ["sender-acct-postman-a@example.com"],
-        ["confirm-acct-postman-a@example.com"],
+        (f"sender-{account}@example.com",),
+        (f"confirm-{account}@example.com",),
     ]
-    assert all(m.mail_from == "noreply@example.com" for m in confirmations)
-    sends = [m.mail_from for m in live.global_server.messages if m not in confirmations]
-    assert sends == ["confirm-acct-postman-a@example.com", "noreply@example.com"]
+    assert all(m.mail_from == "dev@example.com" for m in confirmations)
+    assert (f"confirm-{account}@example.com", ("rcpt@example.net",)) in envelopes
+    assert ("dev@example.com", ("rcpt@example.net",)) in envelopes
+    assert len(caught) == 10, envelopes
+    assert global_server_untouched(live)
 
     live.stop()
+    log = live.log_text()
+    # the connection tests reached the catcher: the user logged in, the simulator's user refused
+    assert f"devmail: AUTH PLAIN {smtp_user}: accepted" in log
+    assert f"devmail: AUTH PLAIN auth-failure@{SIMULATOR_DOMAIN}: refused" in log
     live.assert_log_clean()
+
+
+def global_server_untouched(live: LiveService) -> bool:
+    return live.global_server.messages == [] and live.global_server.auth_attempts == []
