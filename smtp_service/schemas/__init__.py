@@ -5,6 +5,7 @@ Every schema is re-exported here, so `from smtp_service.schemas import X` keeps 
 """
 
 from smtp_service.schemas.fields import NonEmptyString, StrictBoolean, StrictInteger
+from smtp_service.schemas.queries import MessageListQuery, MessageStatsQuery
 from smtp_service.schemas.requests import (
     MAX_ATTACHMENTS,
     MAX_HEADER_VALUE_LENGTH,
@@ -23,9 +24,13 @@ from smtp_service.schemas.responses import (
     ConnectionTestResponse,
     ErrorResponse,
     HealthResponse,
+    LatencyPercentiles,
     MessageEvent,
+    MessageList,
     MessageRecord,
     MessageResponse,
+    MessageStatsResponse,
+    MessageSummary,
     RejectedRecipient,
     SavedSettings,
     SaveSettingsResponse,
@@ -34,6 +39,7 @@ from smtp_service.schemas.responses import (
     SenderList,
     SendFailedResponse,
     SmtpSettingsView,
+    StatsPeriod,
     Suppression,
     SuppressionList,
 )
@@ -51,8 +57,14 @@ __all__ = [
     "ErrorResponse",
     "HeaderMap",
     "HealthResponse",
+    "LatencyPercentiles",
     "MessageEvent",
+    "MessageList",
+    "MessageListQuery",
     "MessageRecord",
+    "MessageStatsQuery",
+    "MessageStatsResponse",
+    "MessageSummary",
     "MessageResponse",
     "NonEmptyString",
     "RejectedRecipient",
@@ -69,6 +81,7 @@ __all__ = [
     "SmtpSettingsView",
     "StoredSmtpSettings",
     "StrictBoolean",
+    "StatsPeriod",
     "StrictInteger",
     "Suppression",
     "SuppressionList",
