@@ -135,7 +135,7 @@ def _percentile_statement(
             *partition,
             m.duration_ms,
             sa.func.row_number()
-            .over(partition_by=partition or None, order_by=(m.duration_ms, m.message_id))
+            .over(partition_by=partition or None, order_by=m.duration_ms)
             .label("rn"),
             sa.func.count().over(partition_by=partition or None).label("n"),
         )
