@@ -36,6 +36,7 @@ PERCENTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
+_LATEST_MS = 253_402_214_400_000  # 9999-12-31T00:00:00Z
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -106,16 +107,20 @@ def resolve_range(
     """(since_ms, until_ms, interval_ms) of a stats request: `end` defaults to now and `start`
     to DEFAULT_RANGE_MS before `end`; both are widened to whole intervals aligned to UTC
     (`start` down to the start of its interval, `end` up to the end of its own unless it is
-    one already). InvalidInput naming the field: an unknown interval, a start before
-    1970-01-01, an end not after the start, more than MAX_BUCKETS intervals.
+    one already); the default start is never before 1970. InvalidInput naming the field: an
+    unknown interval, a start before 1970-01-01, a start or end from 9999-12-31 on, an end not
+    after the start, more than MAX_BUCKETS intervals.
     """
     if interval not in INTERVALS:
         raise InvalidInput.field("interval", f"Must be one of: {', '.join(INTERVALS)}.")
     step = INTERVALS[interval]
     until = now_ms if end is None else _ms(end)
-    since = until - DEFAULT_RANGE_MS if start is None else _ms(start)
+    since = max(0, until - DEFAULT_RANGE_MS) if start is None else _ms(start)
     if since < 0:
         raise InvalidInput.field("from", "Must not be before 1970-01-01T00:00:00Z.")
+    for field, value in (("from", since), ("to", until)):
+        if value >= _LATEST_MS:  # rounded up, it must still be a year datetime can hold
+            raise InvalidInput.field(field, "Must be before 9999-12-31T00:00:00Z.")
     if until <= since:
         raise InvalidInput.field("to", "Must be after from.")
     since -= since % step

@@ -193,6 +193,8 @@ def test_stats_is_not_a_message_id(client, tokens):
         (STATS, {"from": "2020-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "to"),
         (STATS, {"from": "2026-01-01", "interval": "hour"}, "to"),
         (STATS, {"from": "1960-01-01T00:00:00Z", "to": "1960-01-02T00:00:00Z"}, "from"),
+        (STATS, {"to": "9999-12-31T23:00:00Z"}, "to"),  # its day would end in year 10000
+        (STATS, {"from": "9999-12-31T00:00:00Z", "to": "9999-12-31T01:00:00Z"}, "from"),
         (STATS, {"interval": "week"}, "interval"),
         (STATS, {"from": "x" * 100}, "from"),
         (STATS, {"window": "1"}, "window"),
@@ -214,6 +216,33 @@ def test_bad_parameters_are_400s_naming_the_field(client, tokens, path, query, f
     assert r.status_code == 400, r.json
     assert r.is_json and r.json["error"] == "Validation failed"
     assert list(r.json["details"]) == [field], r.json
+
+
+@pytest.mark.parametrize(
+    ("query", "start", "end"),
+    [
+        (
+            {"to": "1970-01-01T00:00:00.001Z"},
+            "1970-01-01T00:00:00.000Z",
+            "1970-01-02T00:00:00.000Z",
+        ),
+        ({"to": "9999-12-30T23:59:59Z"}, "9999-12-23T00:00:00.000Z", "9999-12-31T00:00:00.000Z"),
+        (
+            {"from": "2026-11-29T10:00:00%2B01:00".replace("%2B", "+"), "interval": "hour"},
+            "2026-11-29T09:00:00.000Z",
+            None,
+        ),
+        (
+            {"from": "2026-11-29", "to": "2026-11-30"},
+            "2026-11-29T00:00:00.000Z",
+            "2026-11-30T00:00:00.000Z",
+        ),
+    ],
+)
+def test_ranges_at_the_edges_are_answered(client, tokens, query, start, end):
+    r = client.get(STATS, query_string=query, headers=tokens.headers())
+    assert r.status_code == 200, r.json
+    assert r.json["from"] == start and (end is None or r.json["to"] == end)
 
 
 def test_both_routes_need_a_token(client):
