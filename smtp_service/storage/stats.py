@@ -27,7 +27,7 @@ from smtp_service.storage.messages import message_summary
 from smtp_service.storage.tables import messages
 
 _SCALE = 1_000_000  # percentiles in millionths: 0.95 -> 950000
-MAX_FORMS = 4  # spellings of one address a recipient filter matches (services.address_forms)
+MAX_FORMS = 4  # spellings of one address a recipient filter matches (at most 3 are made)
 
 m = messages.c
 
