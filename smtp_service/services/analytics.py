@@ -154,7 +154,10 @@ def recipient_forms(address: str) -> tuple[str, ...]:
 class MessageAnalytics:
     """Stats and listing of one account's messages; every call is scoped to one account_id."""
 
-    def __init__(self, db: Database, cursor_secret: bytes, clock: Callable[[], int] | None = None):
+    def __init__(
+        self, db: Database, cursor_secret: bytes, clock: Callable[[], int] | None = None
+    ) -> None:
+        """`cursor_secret` signs the listing's cursors; `clock` gives now in ms (the database's)."""
         self.db = db
         self._cursors = URLSafeSerializer(cursor_secret, salt="smtp-service message cursor")
         self._now_ms = clock or db.now_ms
