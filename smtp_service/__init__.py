@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask
 
 from smtp_service.config import ConfigError, load_config
+from smtp_service.services.analytics import MessageAnalytics
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
 from smtp_service.services.devmailbox import CatcherAddress
 from smtp_service.services.mailer import Mailer, OpenTracker
@@ -85,6 +86,12 @@ class Services:
         )
         self.idempotency = IdempotencyStore(self.database)
         self.records = MessageRecords(self.messages, self.suppressions)
+        # The listing's cursors are signed with a key derived from the encryption key (as the
+        # open pixels are): every worker and instance reads the others' cursors.
+        self.analytics = MessageAnalytics(
+            self.database,
+            hashlib.sha256(b"smtp-service message cursor:" + keys[0].encode()).digest(),
+        )
         self.pool = TransportPool(
             functools.partial(
                 connect,

@@ -53,6 +53,18 @@ def json_body(schema: Schema) -> Any:
     return schema.load(data)
 
 
+def query_args(schema: Schema) -> Any:
+    """The request's query string loaded through `schema` (what it makes of it).
+
+    InvalidInput (400) for a parameter given more than once; marshmallow's ValidationError
+    (400) for a value the schema refuses or a parameter it does not know.
+    """
+    repeated = sorted(k for k in request.args if len(request.args.getlist(k)) > 1)
+    if repeated:
+        raise InvalidInput({k: ["Give this parameter once."] for k in repeated})
+    return schema.load(request.args.to_dict())
+
+
 # JSON may carry NUL (\u0000) and unpaired surrogates (\ud800); neither belongs in any field,
 # and a surrogate cannot even be encoded for a message, a file or the database.
 _UNUSABLE = re.compile("[\x00\ud800-\udfff]")
@@ -94,6 +106,7 @@ def documented(
     summary: str,
     *,
     body: type[Schema] | None = None,
+    query: type[Schema] | None = None,
     responses: dict[int, ResponseDoc],
     auth: bool = True,
     headers: dict[str, dict[str, Any]] | None = None,
@@ -101,14 +114,16 @@ def documented(
     """Attach the OpenAPI description of a view, built from its schemas.
 
     The generator adds the answers every such view can give on its own: 401 when `auth`,
-    400/413/415 when it takes a `body`, 404 when its path has parameters. `headers` maps
-    an optional request header to its JSON Schema.
+    400/413/415 when it takes a `body`, 400 when it takes a `query` (a schema of the query
+    string's parameters), 404 when its path has parameters. `headers` maps an optional
+    request header to its JSON Schema.
     """
 
     def _mark(view: F) -> F:
         view.__openapi__ = {  # type: ignore[attr-defined]
             "summary": summary,
             "body": body,
+            "query": query,
             "responses": responses,
             "auth": auth,
             "headers": headers or {},

@@ -1,15 +1,19 @@
-"""/api/messages: send an email, read a message's record."""
+"""/api/messages: send an email, read a message's record, list messages, their stats."""
 
 from __future__ import annotations
 
 from flask import Blueprint, request
 
-from smtp_service.api import answer, documented, json_body, services
+from smtp_service.api import answer, documented, json_body, query_args, services
 from smtp_service.auth import current_caller
 from smtp_service.errors import ApiError
 from smtp_service.schemas import (
     ErrorResponse,
+    MessageList,
+    MessageListQuery,
     MessageRecord,
+    MessageStatsQuery,
+    MessageStatsResponse,
     SendEmailInput,
     SendEmailResponse,
     SendFailedResponse,
@@ -22,6 +26,10 @@ _SEND_INPUT = SendEmailInput()  # schemas hold no per-load state; building one c
 _SENT = SendEmailResponse()
 _NOT_SENT = SendFailedResponse()
 _RECORD = MessageRecord()
+_LIST_QUERY = MessageListQuery()
+_LIST = MessageList()
+_STATS_QUERY = MessageStatsQuery()
+_STATS = MessageStatsResponse()
 
 
 @bp.post("/send-email")
@@ -53,6 +61,30 @@ def send_email():
     if result.sent:
         return answer(_SENT, result)
     return answer(_NOT_SENT, result, 502)
+
+
+@bp.get("")
+@documented(
+    "The account's messages, newest first, a page at a time (pass nextCursor as cursor)",
+    query=MessageListQuery,
+    responses={200: MessageList, 400: ErrorResponse, 401: ErrorResponse},
+)
+def list_messages():
+    """GET /api/messages?status=&to=&from=&limit=&cursor= (the account's own messages)."""
+    caller = current_caller()
+    return answer(_LIST, services().analytics.page(caller.account_id, **query_args(_LIST_QUERY)))
+
+
+@bp.get("/stats")
+@documented(
+    "Counts, open rate and send latency of the account's messages, per interval and in total",
+    query=MessageStatsQuery,
+    responses={200: MessageStatsResponse, 400: ErrorResponse, 401: ErrorResponse},
+)
+def message_stats():
+    """GET /api/messages/stats?from=&to=&interval=hour|day (the account's own messages)."""
+    caller = current_caller()
+    return answer(_STATS, services().analytics.stats(caller.account_id, **query_args(_STATS_QUERY)))
 
 
 @bp.get("/<path:message_id>")

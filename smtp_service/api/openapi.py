@@ -108,6 +108,8 @@ def _implied_responses(doc: dict[str, Any], has_path_arguments: bool) -> dict[in
         implied[401] = ErrorResponse
     if doc["body"] is not None:
         implied.update({400: ErrorResponse, 413: ErrorResponse, 415: ErrorResponse})
+    if doc.get("query") is not None:
+        implied[400] = ErrorResponse
     if has_path_arguments:
         implied[404] = ErrorResponse
     return implied
@@ -145,6 +147,8 @@ def _operation(doc: dict[str, Any], arguments: dict[str, dict[str, Any]]) -> dic
         {"name": name, "in": "header", "required": False, "schema": schema}
         for name, schema in sorted(doc["headers"].items())
     ]
+    if doc.get("query") is not None:  # apispec makes each field of the schema a parameter
+        parameters.append({"in": "query", "schema": doc["query"]})
     if parameters:
         operation["parameters"] = parameters
     if doc["auth"]:

@@ -5,6 +5,7 @@ Every schema is re-exported here, so `from smtp_service.schemas import X` keeps 
 """
 
 from smtp_service.schemas.fields import NonEmptyString, StrictBoolean, StrictInteger
+from smtp_service.schemas.queries import MessageListQuery, MessageStatsQuery
 from smtp_service.schemas.requests import (
     MAX_ATTACHMENTS,
     MAX_HEADER_VALUE_LENGTH,
@@ -25,9 +26,13 @@ from smtp_service.schemas.responses import (
     DevMailbox,
     ErrorResponse,
     HealthResponse,
+    LatencyPercentiles,
     MessageEvent,
+    MessageList,
     MessageRecord,
     MessageResponse,
+    MessageStatsResponse,
+    MessageSummary,
     RejectedRecipient,
     SavedSettings,
     SaveSettingsResponse,
@@ -36,6 +41,7 @@ from smtp_service.schemas.responses import (
     SenderList,
     SendFailedResponse,
     SmtpSettingsView,
+    StatsPeriod,
     Suppression,
     SuppressionList,
 )
@@ -55,8 +61,14 @@ __all__ = [
     "ErrorResponse",
     "HeaderMap",
     "HealthResponse",
+    "LatencyPercentiles",
     "MessageEvent",
+    "MessageList",
+    "MessageListQuery",
     "MessageRecord",
+    "MessageStatsQuery",
+    "MessageStatsResponse",
+    "MessageSummary",
     "MessageResponse",
     "NonEmptyString",
     "RejectedRecipient",
@@ -73,6 +85,7 @@ __all__ = [
     "SmtpSettingsView",
     "StoredSmtpSettings",
     "StrictBoolean",
+    "StatsPeriod",
     "StrictInteger",
     "Suppression",
     "SuppressionList",

@@ -226,8 +226,8 @@ class MessageEvent(Schema):
     detail = fields.Dict(allow_none=True)
 
 
-class MessageRecord(Schema):
-    """GET /api/messages/<messageId>."""
+class MessageSummary(Schema):
+    """A message in the listing: its record without the events."""
 
     messageId = fields.String()
     status = fields.String()
@@ -242,7 +242,71 @@ class MessageRecord(Schema):
     createdAt = fields.String()
     opens = fields.Integer()
     firstOpenedAt = fields.String(allow_none=True)
+
+
+class MessageRecord(MessageSummary):
+    """GET /api/messages/<messageId>."""
+
     events = fields.List(fields.Nested(MessageEvent))
+
+
+class MessageList(Schema):
+    """GET /api/messages: a page of messages, newest first (a MessagePage)."""
+
+    messages = fields.List(fields.Nested(MessageSummary))
+    nextCursor = fields.String(
+        attribute="next_cursor",
+        allow_none=True,
+        metadata={"description": "Pass as `cursor` for the next page; null on the last page."},
+    )
+
+
+class LatencyPercentiles(Schema):
+    """Nearest-rank percentiles of the sent messages' send duration, in milliseconds."""
+
+    p50 = fields.Float(allow_none=True)
+    p95 = fields.Float(allow_none=True)
+    p99 = fields.Float(allow_none=True)
+
+
+class StatsPeriod(Schema):
+    """The counts of one interval, or of the whole range (a Period). README: Analytics."""
+
+    start = fields.String()
+    end = fields.String(metadata={"description": "Exclusive."})
+    messages = fields.Integer(metadata={"description": "Send attempts recorded (any status)."})
+    sent = fields.Integer(metadata={"description": "Messages the server took."})
+    failed = fields.Integer(
+        metadata={"description": "Messages not sent: connection, TLS, authentication."}
+    )
+    bounced = fields.Integer(metadata={"description": "Messages the server refused."})
+    hardBounces = fields.Integer(
+        attribute="hard_bounces",
+        metadata={"description": "Recipients refused with a permanent reply (per recipient)."},
+    )
+    softBounces = fields.Integer(
+        attribute="soft_bounces",
+        metadata={"description": "Recipients refused with a temporary reply (per recipient)."},
+    )
+    tracked = fields.Integer(metadata={"description": "Sent messages with the open pixel."})
+    opened = fields.Integer(metadata={"description": "Messages opened at least once."})
+    opens = fields.Integer(metadata={"description": "Opens counted (not unique)."})
+    openRate = fields.Float(
+        attribute="open_rate",
+        allow_none=True,
+        metadata={"description": "Tracked sent messages opened / tracked; null: none tracked."},
+    )
+    latencyMs = fields.Nested(LatencyPercentiles, attribute="latency_ms")
+
+
+class MessageStatsResponse(Schema):
+    """GET /api/messages/stats (a MessageStats)."""
+
+    from_ = fields.String(data_key="from", attribute="start")
+    to = fields.String(attribute="end", metadata={"description": "Exclusive."})
+    interval = fields.String()
+    total = fields.Nested(StatsPeriod)
+    intervals = fields.List(fields.Nested(StatsPeriod))
 
 
 # -- senders and suppressions -------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -76,6 +77,28 @@ def iso_ms(ms: int) -> str:
     return iso_utc(datetime.fromtimestamp(ms // 1000, UTC) + timedelta(milliseconds=ms % 1000))
 
 
+def message_summary(message_id: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """A message row (the columns of `messages`) as the spec's message record, without events:
+    messageId, status, from, recipients, subject, transport, accepted, rejected, smtpReply,
+    durationMs, createdAt, opens, firstOpenedAt."""
+    first_opened = row["first_opened_at"]
+    return {
+        "messageId": message_id,
+        "status": row["status"],
+        "from": row["from_addr"],
+        "recipients": json.loads(row["recipients"]),
+        "subject": row["subject"],
+        "transport": row["transport"],
+        "accepted": json.loads(row["accepted"]),
+        "rejected": json.loads(row["rejected"]),
+        "smtpReply": row["smtp_reply"],
+        "durationMs": row["duration_ms"],
+        "createdAt": iso_ms(row["created_at"]),
+        "opens": row["opens"],
+        "firstOpenedAt": None if first_opened is None else iso_ms(first_opened),
+    }
+
+
 class MessageLog:
     """Sent messages and their events. Every query is scoped to one account_id.
 
@@ -131,26 +154,18 @@ class MessageLog:
         if not rows:
             return None
         row = rows[0]
-        accepted, rejected = json.loads(row.accepted), json.loads(row.rejected)
+        record = message_summary(message_id, row)
         outcome = {
             "type": row.status,
-            "at": iso_ms(row.created_at),
-            "detail": {"reply": row.smtp_reply, "accepted": accepted, "rejected": rejected},
+            "at": record["createdAt"],
+            "detail": {
+                "reply": row.smtp_reply,
+                "accepted": record["accepted"],
+                "rejected": record["rejected"],
+            },
         }
         return {
-            "messageId": message_id,
-            "status": row.status,
-            "from": row.from_addr,
-            "recipients": json.loads(row.recipients),
-            "subject": row.subject,
-            "transport": row.transport,
-            "accepted": accepted,
-            "rejected": rejected,
-            "smtpReply": row.smtp_reply,
-            "durationMs": row.duration_ms,
-            "createdAt": iso_ms(row.created_at),
-            "opens": row.opens,
-            "firstOpenedAt": None if row.first_opened_at is None else iso_ms(row.first_opened_at),
+            **record,
             "events": [outcome]
             + [
                 {

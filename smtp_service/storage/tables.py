@@ -41,6 +41,8 @@ messages = Table(
     Column("opens", Integer, nullable=False, server_default="0"),
     Column("first_opened_at", BigInteger),
 )
+# The stats per interval and the listing (newest first, keyset on created_at, message_id).
+Index("messages_by_time", messages.c.account_id, messages.c.created_at, messages.c.message_id)
 
 events = Table(
     "events",

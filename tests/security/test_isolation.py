@@ -161,6 +161,21 @@ def test_b_cannot_list_or_delete_a_suppressions(client, tokens, account_a):
     assert _views(client, tokens, account_a.message_id) == views
 
 
+def test_b_cannot_list_or_count_a_messages(client, tokens, account_a):
+    a, b = tokens.headers("acct-a"), tokens.headers("acct-b")
+    mine = client.get("/api/messages/stats", headers=a).json["total"]
+    assert (mine["messages"], mine["sent"], mine["bounced"], mine["opened"]) == (2, 1, 1, 1)
+    theirs = client.get("/api/messages/stats", headers=b).json["total"]
+    assert (theirs["messages"], theirs["opens"], theirs["hardBounces"]) == (0, 0, 0)
+    assert client.get("/api/messages", headers=b).json == {"messages": [], "nextCursor": None}
+    for query in ({"to": "rcpt@example.net"}, {"from": SMTP_USER}, {"status": "sent"}):
+        assert client.get("/api/messages", query_string=query, headers=b).json["messages"] == []
+    # A's cursor does not continue in B's account
+    cursor = client.get("/api/messages", query_string={"limit": 1}, headers=a).json["nextCursor"]
+    r = client.get("/api/messages", query_string={"cursor": cursor}, headers=b)
+    assert r.status_code == 400 and list(r.json["details"]) == ["cursor"]
+
+
 def test_b_gets_404_for_a_message_exactly_as_for_no_message(client, tokens, account_a):
     views = _views(client, tokens, account_a.message_id)
     assert views["message"]["messageId"] == account_a.message_id

@@ -332,6 +332,8 @@ def test_the_route_list_covers_the_api(hs_world):
         ("POST", "/api/smtp/test"),
         ("POST", "/api/messages/send-email"),
         ("GET", "/api/messages/<path:message_id>"),
+        ("GET", "/api/messages"),
+        ("GET", "/api/messages/stats"),
         ("GET", "/api/senders"),
         ("POST", "/api/senders"),
         ("DELETE", "/api/senders/<path:email>"),
