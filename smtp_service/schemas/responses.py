@@ -134,16 +134,27 @@ class TransportHealth(Schema):
             "request is trying it); the global server has no breaker"
         }
     )
-    consecutiveFailures = fields.Integer(attribute="consecutive_failures")
-    openUntil = fields.String(attribute="open_until", allow_none=True)
-    lastSuccessAt = fields.String(attribute="last_success_at", allow_none=True)
-    lastFailureAt = fields.String(attribute="last_failure_at", allow_none=True)
-    lastFailureKind = fields.String(attribute="last_failure_kind", allow_none=True)
-    lastFailureReason = fields.String(attribute="last_failure_reason", allow_none=True)
-    latencyMs = fields.Method("_latency")
+    consecutiveFailures = fields.Integer()
+    openUntil = fields.String(allow_none=True)
+    lastSuccessAt = fields.String(allow_none=True)
+    lastFailureAt = fields.String(allow_none=True)
+    lastFailureKind = fields.String(allow_none=True)
+    lastFailureReason = fields.String(allow_none=True)
+    latencyMs = fields.Nested(LatencyPercentiles)
 
-    def _latency(self, report: Any) -> dict[str, float | None]:
-        return {"p50": report.p50_ms, "p95": report.p95_ms}
+    @pre_dump
+    def _from_report(self, report: Any, **_kwargs: Any) -> dict[str, Any]:
+        return {
+            "server": report.server,
+            "circuit": report.circuit,
+            "consecutiveFailures": report.consecutive_failures,
+            "openUntil": report.open_until,
+            "lastSuccessAt": report.last_success_at,
+            "lastFailureAt": report.last_failure_at,
+            "lastFailureKind": report.last_failure_kind,
+            "lastFailureReason": report.last_failure_reason,
+            "latencyMs": {"p50": report.p50_ms, "p95": report.p95_ms},
+        }
 
 
 class SmtpHealthResponse(Schema):
@@ -156,14 +167,17 @@ class SmtpHealthResponse(Schema):
         metadata={"description": "whether a failure of the account's own server fails over"}
     )
     windowSeconds = fields.Integer(attribute="window_seconds")
-    custom = fields.Method("_custom", metadata={"description": "the account's own server"})
-    global_ = fields.Method("_global", data_key="global")
-
-    def _custom(self, health: Any) -> dict[str, Any]:
-        return TransportHealth().dump(health.transports["custom"])
-
-    def _global(self, health: Any) -> dict[str, Any]:
-        return TransportHealth().dump(health.transports["global"])
+    custom = fields.Nested(
+        TransportHealth,
+        attribute="transports.custom",
+        metadata={"description": "the account's own server"},
+    )
+    global_ = fields.Nested(
+        TransportHealth,
+        attribute="transports.global",
+        data_key="global",
+        metadata={"description": "the global server"},
+    )
 
 
 class HealthResponse(Schema):

@@ -454,7 +454,7 @@ class Mailer:
                 plan = self._failover_plan(route, draft)
                 if plan is None:
                     raise CircuitOpen(admission.retry_after)
-                log.warning(
+                log.info(
                     "account %s: circuit open for %s; sending through the global server",
                     account_id,
                     route.server,
