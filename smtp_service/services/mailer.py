@@ -256,8 +256,15 @@ class Mailer:
         "bounced" (the server refused it) or "failed" (no answer; `uncertain` when the content
         had gone out). Raises before anything is sent: InvalidInput (too many recipients, a bad
         address), RecipientsSuppressed, NoServerConfigured, SenderNotVerified, MessageTooLarge,
-        SmtpPoolBusy (no connection to the server became free in time; nothing is recorded).
-        The whole send ends within `deadline_seconds` (SMTP_DEADLINE).
+        SmtpPoolBusy (no connection to the server became free in time; nothing is recorded),
+        CircuitOpen (the account's server is skipped after repeated failures and the account
+        does not fail over; nothing is recorded). The whole send, a failover included, ends
+        within `deadline_seconds` (SMTP_DEADLINE).
+
+        Failover (services.health for what counts): a certain transport failure of the
+        account's own server, or its open circuit, sends the message through the global server
+        when the account's settings (or SMTP_FAILOVER) allow it; the result then says
+        transport "global" and failover True. See _failover_plan for the From.
 
         With an idempotency_key, a request equal to an earlier one with the same key (see
         SendRequest.digest) returns that request's result and sends nothing; a different
