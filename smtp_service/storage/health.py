@@ -197,10 +197,7 @@ class HealthStore:
         now = self.db.now_ms()
         key = {"b_account_id": account_id, "b_transport": transport}
         with self.db.write() as tx:
-            tx.execute(
-                self._insert_new,
-                {"account_id": account_id, "transport": transport, "updated_at": now},
-            )
+            self._ensure_row(tx, account_id, transport, now)
             row = tx.rows(_SELECT_LOCKED, key)[0]
             failures = row.failures
             last = row.last_failure_at
@@ -277,11 +274,14 @@ class HealthStore:
         now = self.db.now_ms()
         key = {"b_account_id": account_id, "b_transport": transport}
         with self.db.write() as tx:
-            tx.execute(
-                self._insert_new,
-                {"account_id": account_id, "transport": transport, "updated_at": now},
-            )
+            self._ensure_row(tx, account_id, transport, now)
             tx.execute(_PASSED, {**key, "v_server": server, "now": now})
+
+    def _ensure_row(self, tx: Transaction, account_id: str, transport: str, now: int) -> None:
+        """A closed row with no history for the key, unless there is one (ON CONFLICT DO
+        NOTHING: concurrent writers both go on to update the one row)."""
+        row = {"account_id": account_id, "transport": transport, "updated_at": now}
+        tx.execute(self._insert_new, row)
 
     def forget(self, account_id: str, transport: str) -> None:
         """Drop what was recorded (the account's settings changed: a new server starts

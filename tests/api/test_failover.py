@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email.utils import getaddresses, parseaddr
 
 import pytest
@@ -61,6 +63,17 @@ def _health(client, tokens, account: str = "acct-a"):
     return r.json
 
 
+@contextmanager
+def _app_with(app_config, **env: str) -> Iterator:
+    """An app of its own: the fixture's config with `env` over it; closed at the end."""
+    app = create_app({**app_config, **env})
+    try:
+        yield app
+    finally:
+        app.extensions["smtp_service"].pool.close_all()
+        app.extensions["smtp_service"].database.dispose()
+
+
 def _stalling(servers):
     """A server that takes the TCP connection and never says a word (then hangs up)."""
     return servers().fault("connect", "stall", seconds=30)
@@ -108,9 +121,8 @@ def test_a_reply_to_given_by_the_caller_is_kept(client, tokens, global_server):
 def test_a_from_of_the_global_servers_own_domains_is_not_rewritten(
     app_config, tokens, global_server
 ):
-    app = create_app({**app_config, "GLOBAL_SENDER_DOMAINS": "example.com"})
-    client = app.test_client()
-    try:
+    with _app_with(app_config, GLOBAL_SENDER_DOMAINS="example.com") as app:
+        client = app.test_client()
         _save(client, tokens, _free_port(), failover=True)
         r = _send(client, tokens)
         assert r.status_code == 200 and r.json["failover"] is True, r.json
@@ -118,26 +130,19 @@ def test_a_from_of_the_global_servers_own_domains_is_not_rewritten(
         assert got.mail_from == SMTP_USER
         assert parseaddr(str(got.message["From"]))[1] == SMTP_USER
         assert got.message["Reply-To"] is None
-    finally:
-        app.extensions["smtp_service"].pool.close_all()
-        app.extensions["smtp_service"].database.dispose()
 
 
 def test_the_refuse_policy_keeps_the_message_off_the_global_server(
     app_config, tokens, global_server
 ):
-    app = create_app({**app_config, "SMTP_FAILOVER_FROM": "refuse"})
-    client = app.test_client()
-    try:
+    with _app_with(app_config, SMTP_FAILOVER_FROM="refuse") as app:
+        client = app.test_client()
         _save(client, tokens, _free_port(), failover=True)
         r = _send(client, tokens)
         assert r.status_code == 502, r.json
         assert r.json["transport"] == "custom" and r.json["category"] == "refused"
         assert "failover" not in r.json
         assert global_server.messages == []
-    finally:
-        app.extensions["smtp_service"].pool.close_all()
-        app.extensions["smtp_service"].database.dispose()
 
 
 def test_without_failover_a_dead_server_is_a_502_and_nothing_goes_elsewhere(
@@ -153,9 +158,8 @@ def test_without_failover_a_dead_server_is_a_502_and_nothing_goes_elsewhere(
 
 
 def test_smtp_failover_is_the_default_and_the_field_overrides_it(app_config, tokens, global_server):
-    app = create_app({**app_config, "SMTP_FAILOVER": "true"})
-    client = app.test_client()
-    try:
+    with _app_with(app_config, SMTP_FAILOVER="true") as app:
+        client = app.test_client()
         _save(client, tokens, _free_port())
         assert _send(client, tokens).json["failover"] is True
         settings = client.get("/api/smtp/settings", headers=tokens.headers()).json
@@ -164,9 +168,6 @@ def test_smtp_failover_is_the_default_and_the_field_overrides_it(app_config, tok
         assert client.get("/api/smtp/settings", headers=tokens.headers()).json["failover"] is False
         assert _send(client, tokens).status_code == 502
         assert len(global_server.messages) == 1
-    finally:
-        app.extensions["smtp_service"].pool.close_all()
-        app.extensions["smtp_service"].database.dispose()
 
 
 def test_a_recipient_refusal_never_fails_over(client, tokens, smtp_server, global_server):
@@ -252,9 +253,8 @@ def test_one_probe_among_concurrent_requests_then_the_circuit_closes(
     app_config, tokens, servers, global_server
 ):
     stalling = _stalling(servers)
-    app = create_app({**app_config, "SMTP_CIRCUIT_SECONDS": "0.5"})
-    client = app.test_client()
-    try:
+    with _app_with(app_config, SMTP_CIRCUIT_SECONDS="0.5") as app:
+        client = app.test_client()
         _save(client, tokens, stalling.port)
         _open_circuit(client, tokens, stalling)
         time.sleep(0.6)  # the circuit is due: the next request probes
@@ -284,9 +284,6 @@ def test_one_probe_among_concurrent_requests_then_the_circuit_closes(
         assert health["openUntil"] is None
         assert _send(client, tokens).status_code == 200
         assert len(stalling.messages) == 2
-    finally:
-        app.extensions["smtp_service"].pool.close_all()
-        app.extensions["smtp_service"].database.dispose()
 
 
 def test_the_circuit_is_shared_by_two_instances_on_one_database(
@@ -295,9 +292,7 @@ def test_the_circuit_is_shared_by_two_instances_on_one_database(
     """Two apps (two instances: two pools, two breakers, two caches) on the same data folder
     and database: the circuit one opened is open for the other."""
     stalling = _stalling(servers)
-    first = create_app(app_config)
-    second = create_app(app_config)
-    try:
+    with _app_with(app_config) as first, _app_with(app_config) as second:
         one, two = first.test_client(), second.test_client()
         _save(one, tokens, stalling.port)
         assert _send(two, tokens).status_code == 502  # failure 1, through the second
@@ -309,10 +304,6 @@ def test_the_circuit_is_shared_by_two_instances_on_one_database(
         time.sleep(0.3)
         assert stalling.connections == CIRCUIT_FAILURES
         assert _health(two, tokens)["custom"]["circuit"] == "open"
-    finally:
-        for app in (first, second):
-            app.extensions["smtp_service"].pool.close_all()
-            app.extensions["smtp_service"].database.dispose()
 
 
 def test_saving_new_settings_starts_a_new_circuit(client, tokens, servers, smtp_server):
