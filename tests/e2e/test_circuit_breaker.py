@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from smtp_service.services.crypto import new_key
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.databases import PG_SKIP, empty_tables
-from tests.e2e.conftest import LiveService, free_port, service_environment, start_live
+from tests.e2e.conftest import LiveService, start_instances
 from tests.smtpd import SmtpServer
 
 pytestmark = pytest.mark.e2e
@@ -44,33 +43,17 @@ def instances(
     else:
         database_url = ""  # the SQLite file in the shared DATA_DIR
     silent = servers().fault("connect", "stall", seconds=30)
-    data_dir = tmp_path / "shared-data"
-    key = new_key()
-    started: list[LiveService] = []
+    started = start_instances(
+        tmp_path,
+        ca_file=trust_test_ca,
+        global_server=global_server,
+        account_server=silent,
+        database_url=database_url,
+        SMTP_TIMEOUT="0.5",
+        SMTP_CIRCUIT_FAILURES=str(FAILURES),
+        SMTP_CIRCUIT_SECONDS=str(OPEN_SECONDS),
+    )
     try:
-        for name in ("a", "b"):
-            port = free_port()
-            env = service_environment(
-                port=port,
-                data_dir=data_dir,
-                ca_file=trust_test_ca,
-                global_server=global_server,
-                DATABASE_URL=database_url,
-                SMTP_ENCRYPTION_KEYS=key,
-                SMTP_TIMEOUT="0.5",
-                SMTP_CIRCUIT_FAILURES=str(FAILURES),
-                SMTP_CIRCUIT_SECONDS=str(OPEN_SECONDS),
-            )
-            started.append(
-                start_live(
-                    port=port,
-                    data_dir=data_dir,
-                    log_path=tmp_path / f"gunicorn-{name}.log",
-                    env=env,
-                    global_server=global_server,
-                    account_server=silent,
-                )
-            )
         yield started[0], started[1], silent
     finally:
         for live in started:
