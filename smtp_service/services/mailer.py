@@ -239,9 +239,16 @@ class Mailer:
             e = own.endpoint
             allowed = {e.user.lower()} if e.user and "@" in e.user else set()
             return Route("custom", e, account_id, frozenset(allowed), failover=own.failover)
+        target = self._global_route()
+        if target is None:
+            raise NoServerConfigured()
+        return target
+
+    def _global_route(self) -> Route | None:
+        """The global server's route (SMTP_FROM its own sender), None without one."""
         g = self.settings.global_endpoint
         if g is None:
-            raise NoServerConfigured()
+            return None
         allowed = {self.global_from.lower()} if self.global_from else set()
         return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size)
 
@@ -677,13 +684,9 @@ class Mailer:
         becomes SMTP_FROM with the display name "<original name or address> via <SMTP_FROM's
         name, else its domain>", and Reply-To the original From, unless the caller gave a
         replyTo (then it stays: the caller said where replies go)."""
-        global_endpoint = self.settings.global_endpoint
-        if not route.failover or global_endpoint is None:
+        target = self._global_route() if route.failover else None
+        if target is None:
             return None
-        allowed = {self.global_from.lower()} if self.global_from else set()
-        target = Route(
-            "global", global_endpoint, GLOBAL_KEY, frozenset(allowed), self.global_pool_size
-        )
         sender = draft.sender
         own = self._global_mailbox
         domain = address_key(sender.address).rpartition("@")[2]
