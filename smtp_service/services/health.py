@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from smtp_service.services.session import SendFailed
+from smtp_service.services.transport import TransportError
 from smtp_service.storage.health import CLOSED, HALF_OPEN, OPEN, HealthStore
 from smtp_service.storage.messages import iso_ms
 from smtp_service.storage.stats import latency_percentiles
@@ -128,10 +129,17 @@ class CircuitBreaker:
 
     def answered(self, account_id: str, admission: Admission) -> None:
         """The account's server took or refused the message. After a probe: close the
-        circuit. Otherwise nothing is written (the message's row records the success)."""
-        if admission.probe:
+        circuit. Otherwise nothing is written (the message's row records the success).
+        Never raises (a failed write is logged)."""
+        if not admission.probe:
+            return
+        try:  # never raises: the message may have been taken, and its answer must stand
             self.store.close(account_id, CUSTOM)
-            log.info("account %s: SMTP server answered the probe; circuit closed", account_id)
+        except Exception as exc:  # noqa: BLE001 - the claim lapses, and a later probe closes it
+            name = type(exc).__name__
+            log.error("account %s: circuit not closed after the probe (%s)", account_id, name)
+            return
+        log.info("account %s: SMTP server answered the probe; circuit closed", account_id)
 
     def failed(
         self,
@@ -183,7 +191,7 @@ class CircuitBreaker:
 
     # -- connection tests --------------------------------------------------------------------
 
-    def tested(self, account_id: str, server: str, error: object | None) -> None:
+    def tested(self, account_id: str, server: str, error: TransportError | None) -> None:
         """A connection test of the account's own (saved) server: a pass is a success (it
         closes the circuit), a failure (a TransportError) counts like a send's."""
         self._closed_until.pop(account_id, None)
@@ -194,8 +202,8 @@ class CircuitBreaker:
             account_id,
             CUSTOM,
             server=server,
-            kind=getattr(error, "kind", "protocol"),
-            reason=getattr(error, "text", "connection test failed"),
+            kind=error.kind,
+            reason=error.text,
             threshold=self.failures,
             open_ms=int(self.open_seconds * 1000),
         )
