@@ -97,11 +97,21 @@ class CircuitBreaker:
     def admit(self, account_id: str) -> Admission:
         """May this send use the account's own server? Closed: yes (from the worker's memory
         for up to CLOSED_CACHE_SECONDS, else one read); open and due: yes for the one request
-        that claims the probe; otherwise no, with the seconds until the next probe."""
+        that claims the probe; otherwise no, with the seconds until the next probe. When the
+        database cannot be read the answer is yes (the breaker fails open: sends go on as
+        without it)."""
         now = self._clock()
         until = self._closed_until.get(account_id)
         if until is not None and now < until:
             return _CLOSED
+        try:
+            return self._admit(account_id, now)
+        except Exception as exc:  # noqa: BLE001 - a breaker that cannot be read stays out of the way
+            name = type(exc).__name__
+            log.error("account %s: circuit state not read (%s); sending", account_id, name)
+            return _CLOSED
+
+    def _admit(self, account_id: str, now: float) -> Admission:
         circuit = self.store.circuit(account_id, CUSTOM)
         if circuit is None or circuit.state == CLOSED:
             self._remember_closed(account_id, now)

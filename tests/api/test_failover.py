@@ -379,3 +379,24 @@ def test_connection_tests_of_the_saved_server_count(client, tokens, smtp_server)
 
 def test_health_needs_a_token(client):
     assert client.get("/api/smtp/health").status_code == 401
+
+
+def test_a_health_store_that_fails_never_fails_a_send(app, client, tokens, smtp_server,
+                                                      global_server, monkeypatch):
+    """The breaker fails open: a database that cannot be read or written for health answers
+    the send as it would have been answered without it (a fake: a real database does not fail
+    on cue)."""
+    store = app.extensions["smtp_service"].breaker.store
+
+    def broken(*_args, **_kwargs):
+        raise OSError("disk I/O error")
+
+    for name in ("circuit", "record_failure", "claim_probe", "close"):
+        monkeypatch.setattr(store, name, broken)
+    _save(client, tokens, smtp_server.port)
+    assert _send(client, tokens).status_code == 200
+    assert len(smtp_server.messages) == 1
+    _save(client, tokens, _free_port(), failover=True)
+    r = _send(client, tokens)
+    assert r.status_code == 200 and r.json["failover"] is True, r.json
+    assert len(global_server.messages) == 1
