@@ -18,10 +18,12 @@ message per 200 answer.
 The sink is Postfix's smtp-sink (default; `make bench-deps` installs it): plain SMTP, no TLS,
 no AUTH, PIPELINING, and cheap enough that the service's own cost shows. `--sink aiosmtpd` uses
 bench/smtp_sink.py instead (STARTTLS and AUTH required, as in bench/send_throughput.py).
-The token's account has no settings of its own, so every message goes through the global server.
+The token's account has no settings of its own, so every message goes through the global server;
+with `--route custom` it saves settings pointing at the same sink first, so that every message
+goes through the account's own server (the path of the circuit breaker's check, issue 12).
 
     .venv/bin/python bench/compare.py --base main [--head worktree] \\
-        [--requests 2000] [--concurrency 16] [--rounds 3]
+        [--requests 2000] [--concurrency 16] [--rounds 3] [--route global|custom]
 """
 
 from __future__ import annotations
@@ -246,6 +248,20 @@ def start_server(
     return server
 
 
+def use_own_settings(server: Server, sink: Sink) -> None:
+    """Save SMTP settings for ACCOUNT that point at the sink (its own server, as an account
+    would have; the sender is the settings' user)."""
+    body = {
+        "host": sink.env["SMTP_HOST"],
+        "port": sink.port,
+        "secure": False,
+        "user": SENDER,
+        "pass": st.PASSWORD,
+        "requireTls": sink.kind != "smtp-sink",  # smtp-sink offers neither STARTTLS nor AUTH
+    }
+    st.api(f"http://127.0.0.1:{server.port}", "POST", "/api/smtp/settings", st.token(ACCOUNT), body)
+
+
 def stop_server(server: Server) -> None:
     """Stop gunicorn gracefully, or kill its process group after 30 s."""
     if server.process.poll() is not None:
@@ -402,6 +418,12 @@ def main() -> None:
         "--round-timeout", type=float, default=120, help="seconds; a longer round aborts the run"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--route",
+        choices=["global", "custom"],
+        default="global",
+        help="custom: the account saves settings for the sink, and sends through them",
+    )
     args = parser.parse_args()
     if min(args.requests, args.concurrency, args.rounds) < 1:
         parser.error("--requests, --concurrency and --rounds must be at least 1")
@@ -421,6 +443,9 @@ def main() -> None:
         servers = [
             start_server(m, sink, args.workers, args.threads, workdir) for m in made
         ]
+        if args.route == "custom":
+            for server in servers:
+                use_own_settings(server, sink)
         for server in servers:  # imports, first connections, pools; not in the figures
             if args.warmup:
                 server.warm = [measure(server, args, args.warmup)]

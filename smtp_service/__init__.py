@@ -17,6 +17,7 @@ from smtp_service.config import ConfigError, load_config
 from smtp_service.services.analytics import MessageAnalytics
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
 from smtp_service.services.devmailbox import CatcherAddress
+from smtp_service.services.health import CircuitBreaker
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import TransportPool
@@ -26,6 +27,7 @@ from smtp_service.services.settings import SettingsService
 from smtp_service.services.transport import Secret, SmtpEndpoint, Timeouts, connect
 from smtp_service.storage.database import Database, DatabaseError
 from smtp_service.storage.files import AccountFiles
+from smtp_service.storage.health import HealthStore
 from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
 from smtp_service.storage.refusals import RefusalBoard
@@ -64,6 +66,7 @@ class Services:
             self.global_endpoint,
             self.timeouts,
             ehlo_name=config["SMTP_EHLO_NAME"],
+            failover_default=config["SMTP_FAILOVER"],
         )
         # The confirmation codes of senders are signed with a key derived from the encryption
         # key (as the open pixels are): shared by every worker, no new secret to configure.
@@ -85,6 +88,14 @@ class Services:
             soft_days=config["SOFT_BOUNCE_DAYS"],
         )
         self.idempotency = IdempotencyStore(self.database)
+        # SMTP health and the circuit breaker, shared through the database; a probe's claim
+        # lapses after the send deadline and a margin (a worker that died mid-probe).
+        self.breaker = CircuitBreaker(
+            HealthStore(self.database),
+            failures=config["SMTP_CIRCUIT_FAILURES"],
+            open_seconds=config["SMTP_CIRCUIT_SECONDS"],
+            probe_seconds=self.timeouts.operation + 30.0,
+        )
         self.records = MessageRecords(self.messages, self.suppressions)
         # The listing's cursors are signed with a key derived from the encryption key (as the
         # open pixels are): every worker and instance reads the others' cursors.
@@ -111,7 +122,8 @@ class Services:
         # A forked worker must not share the parent's sockets; on exit, QUIT politely.
         os.register_at_fork(after_in_child=self.pool.reset_after_fork)
         atexit.register(self.pool.close_all)
-        self.settings.on_change = self.pool.forget
+        self.settings.on_change = self._settings_changed
+        self.settings.on_test = self.breaker.tested
         # The open-pixel signing key is derived from the encryption key, so it survives
         # restarts and is shared by every worker without another setting.
         tracking_secret = hashlib.sha256(b"smtp-service open pixel:" + keys[0].encode()).digest()
@@ -130,6 +142,8 @@ class Services:
             global_pool_size=config["SMTP_GLOBAL_POOL_SIZE"],
             transaction=self.database.write,
             global_domains=frozenset(config["GLOBAL_SENDER_DOMAINS"]),
+            breaker=self.breaker,
+            failover_from=config["SMTP_FAILOVER_FROM"],
         )
         if config["PUBLIC_BASE_URL"] is None:
             logging.getLogger(__name__).warning(
@@ -141,6 +155,17 @@ class Services:
             logging.getLogger(__name__).warning(
                 "GLOBAL_SENDER_VERIFICATION=confirm without a global server and SMTP_FROM: "
                 "new senders stay pending (`flask smtp senders confirm` confirms them)"
+            )
+
+    def _settings_changed(self, account_id: str) -> None:
+        """An account's settings were saved or deleted: its pooled connections and its old
+        server's health record and circuit go."""
+        self.pool.forget(account_id)
+        try:
+            self.breaker.forget(account_id)
+        except Exception as exc:  # noqa: BLE001 - the settings are saved; a record may linger
+            logging.getLogger(__name__).error(
+                "account %s: SMTP health record not cleared (%s)", account_id, type(exc).__name__
             )
 
     def data_dir_writable(self) -> bool:

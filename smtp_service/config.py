@@ -352,4 +352,10 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         ),
         "GLOBAL_SENDER_DOMAINS": [d.lower() for d in _list(env, "GLOBAL_SENDER_DOMAINS")],
         "TRACKING_RATE_LIMIT": _rate(env, "TRACKING_RATE_LIMIT", "60 per minute"),
+        # Health and failover (issue 12): an account's default when its settings do not say,
+        # what becomes of a From the global server may not send as, and the circuit breaker.
+        "SMTP_FAILOVER": _bool(env, "SMTP_FAILOVER", False),
+        "SMTP_FAILOVER_FROM": _choice(env, "SMTP_FAILOVER_FROM", ("rewrite", "refuse")),
+        "SMTP_CIRCUIT_FAILURES": _int(env, "SMTP_CIRCUIT_FAILURES", 5, 1, 1000),
+        "SMTP_CIRCUIT_SECONDS": _float(env, "SMTP_CIRCUIT_SECONDS", 60.0, 0.1, 86400.0),
     }

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from smtp_service.schemas.responses import ErrorResponse
 from smtp_service.services.errors import (
+    CircuitOpen,
     ConfirmationNotSent,
     DomainError,
     IdempotencyConflict,
@@ -49,6 +50,7 @@ STATUS: dict[type[DomainError], int] = {
     ConfirmationNotSent: 502,
     NoServerConfigured: 503,
     SmtpPoolBusy: 503,
+    CircuitOpen: 503,
 }
 
 _ERROR_BODY = ErrorResponse()
@@ -100,7 +102,7 @@ def register_error_handlers(app: Flask) -> None:
         if status == 500:
             return _unexpected(exc)
         response = jsonify(error_body(exc))
-        if isinstance(exc, SmtpPoolBusy):  # RFC 9110 section 10.2.3
+        if isinstance(exc, (SmtpPoolBusy, CircuitOpen)):  # RFC 9110 section 10.2.3
             response.headers["Retry-After"] = str(exc.retry_after)
         return response, status
 

@@ -12,6 +12,7 @@ from smtp_service.schemas import (
     ErrorResponse,
     MessageResponse,
     SaveSettingsResponse,
+    SmtpHealthResponse,
     SmtpSettingsInput,
     SmtpSettingsView,
 )
@@ -25,6 +26,7 @@ _VIEW = SmtpSettingsView()
 _SAVED = SaveSettingsResponse()
 _MESSAGE = MessageResponse()
 _TESTED = ConnectionTestResponse()
+_HEALTH = SmtpHealthResponse()
 
 
 class SettingsResource(MethodView):
@@ -80,10 +82,10 @@ class SettingsResource(MethodView):
 )
 def test_connection():
     """POST /api/smtp/test."""
-    current_caller()
+    caller = current_caller()
     endpoint = json_body(_SETTINGS_INPUT)
     try:
-        found = services().settings.test(endpoint)
+        found = services().settings.test(endpoint, caller.account_id)
     except TransportError as exc:
         failed = {"success": False, "error": f"SMTP connection test failed: {exc.text}"}
         return answer(_TESTED, failed, 400)
@@ -92,6 +94,17 @@ def test_connection():
         passed["message"] += " (the server offers no AUTH: the credentials were not used)"
         passed["authenticated"] = False
     return answer(_TESTED, passed)
+
+
+@bp.get("/health")
+@documented(
+    "The health of the account's SMTP transports: circuit, failures, last success, latency",
+    responses={200: SmtpHealthResponse, **_AUTH_ERRORS},
+)
+def smtp_health():
+    """GET /api/smtp/health."""
+    caller = current_caller()
+    return answer(_HEALTH, services().mailer.health(caller.account_id))
 
 
 bp.add_url_rule("/settings", view_func=SettingsResource.as_view("settings"))

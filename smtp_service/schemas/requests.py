@@ -69,6 +69,16 @@ class SmtpSettingsInput(Schema):
         },
     )
 
+    failover = StrictBoolean(
+        load_default=None,
+        metadata={
+            "example": True,
+            "description": "Optional: when this server fails to connect (refused, timeout, "
+            "TLS, authentication, 421), send through the global server instead. Default: "
+            "SMTP_FAILOVER (false).",
+        },
+    )
+
     @pre_load
     def _trim_host(self, data: Any, **_kwargs: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("host"), str):
@@ -87,6 +97,7 @@ class SmtpSettingsInput(Schema):
             password=Secret(data["password"]),
             require_tls=data["requireTls"],
             max_connections=data["maxConnections"],
+            failover=data["failover"],
         )
 
 

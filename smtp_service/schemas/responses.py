@@ -19,6 +19,11 @@ if TYPE_CHECKING:  # only named in hints: the services import the stored-file sc
 _MAX_CONNECTIONS = (
     "Present when the account set it: most connections open at once to its server, per worker."
 )
+_FAILOVER = (
+    "Present when the account set it: whether a failure to connect to its server sends the "
+    "message through the global server instead (unset: SMTP_FAILOVER; GET /api/smtp/health "
+    "shows the value in force)."
+)
 
 
 class SmtpSettingsView(Schema):
@@ -32,6 +37,7 @@ class SmtpSettingsView(Schema):
     isGlobal = fields.Boolean()
     requireTls = fields.Boolean()
     maxConnections = fields.Integer(metadata={"description": _MAX_CONNECTIONS})
+    failover = fields.Boolean(metadata={"description": _FAILOVER})
 
     @pre_dump
     def _from_settings(self, active: ActiveSettings, **_kwargs: Any) -> dict[str, Any]:
@@ -47,6 +53,8 @@ class SmtpSettingsView(Schema):
         }
         if e is not None and e.max_connections is not None:
             view["maxConnections"] = e.max_connections
+        if e is not None and not active.is_global and e.failover is not None:
+            view["failover"] = e.failover
         return view
 
 
@@ -61,13 +69,15 @@ class SavedSettings(Schema):
     maxConnections = fields.Integer(
         attribute="endpoint.max_connections", metadata={"description": _MAX_CONNECTIONS}
     )
+    failover = fields.Boolean(attribute="endpoint.failover", metadata={"description": _FAILOVER})
     updatedAt = fields.String(attribute="updated_at")
     updatedBy = fields.String(attribute="updated_by", allow_none=True)
 
     @post_dump
     def _cap_only_when_set(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
-        if data.get("maxConnections") is None:
-            data.pop("maxConnections", None)
+        for name in ("maxConnections", "failover"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
@@ -107,6 +117,69 @@ class ErrorResponse(Schema):
     suppressed = fields.List(fields.String())  # 422 from send-email: the suppressed recipients
 
 
+class LatencyPercentiles(Schema):
+    """Send latency of the window's sent messages, in milliseconds (null: none sent)."""
+
+    p50 = fields.Float(allow_none=True)
+    p95 = fields.Float(allow_none=True)
+
+
+class TransportHealth(Schema):
+    """One transport's health (a services.health.TransportReport)."""
+
+    server = fields.String(allow_none=True, metadata={"description": "host:port"})
+    circuit = fields.String(
+        metadata={
+            "description": "closed (used), open (skipped until openUntil), half_open (one "
+            "request is trying it); the global server has no breaker"
+        }
+    )
+    consecutiveFailures = fields.Integer()
+    openUntil = fields.String(allow_none=True)
+    lastSuccessAt = fields.String(allow_none=True)
+    lastFailureAt = fields.String(allow_none=True)
+    lastFailureKind = fields.String(allow_none=True)
+    lastFailureReason = fields.String(allow_none=True)
+    latencyMs = fields.Nested(LatencyPercentiles)
+
+    @pre_dump
+    def _from_report(self, report: Any, **_kwargs: Any) -> dict[str, Any]:
+        return {
+            "server": report.server,
+            "circuit": report.circuit,
+            "consecutiveFailures": report.consecutive_failures,
+            "openUntil": report.open_until,
+            "lastSuccessAt": report.last_success_at,
+            "lastFailureAt": report.last_failure_at,
+            "lastFailureKind": report.last_failure_kind,
+            "lastFailureReason": report.last_failure_reason,
+            "latencyMs": {"p50": report.p50_ms, "p95": report.p95_ms},
+        }
+
+
+class SmtpHealthResponse(Schema):
+    """GET /api/smtp/health (a services.health.AccountHealth)."""
+
+    transport = fields.String(
+        metadata={"description": "the transport the account's mail goes through now"}
+    )
+    failover = fields.Boolean(
+        metadata={"description": "whether a failure of the account's own server fails over"}
+    )
+    windowSeconds = fields.Integer(attribute="window_seconds")
+    custom = fields.Nested(
+        TransportHealth,
+        attribute="transports.custom",
+        metadata={"description": "the account's own server"},
+    )
+    global_ = fields.Nested(
+        TransportHealth,
+        attribute="transports.global",
+        data_key="global",
+        metadata={"description": "the global server"},
+    )
+
+
 class HealthResponse(Schema):
     """GET /healthz."""
 
@@ -124,6 +197,10 @@ _CATEGORY = (
     "timeout, tls, auth, protocol or closed. The README has the table."
 )
 _TEMPORARY = "True when the same request can succeed later (retry after a while)."
+_FAILED_OVER = (
+    "Present (true) when the account's own server failed to connect, or its circuit was open, "
+    "and the message went through the global server instead (`transport` is then global)."
+)
 
 
 class Refusal(Schema):
@@ -160,6 +237,7 @@ class SendEmailResponse(Schema):
         fields.Nested(Refusal),
         metadata={"description": "Present when `rejected` is not empty: each refusal's class."},
     )
+    failover = fields.Boolean(metadata={"description": _FAILED_OVER})
 
     @pre_dump
     def _from_result(self, result: SendResult, **_kwargs: Any) -> dict[str, Any]:
@@ -172,6 +250,8 @@ class SendEmailResponse(Schema):
         }
         if result.rejected and all(r.category for r in result.rejected):
             answer["refusals"] = result.rejected  # (not for a result kept from before classes)
+        if result.failover:
+            answer["failover"] = True
         return answer
 
 
@@ -200,6 +280,7 @@ class SendFailedResponse(Schema):
             "sent: the server may have the message, so it is not retried."
         }
     )
+    failover = fields.Boolean(metadata={"description": _FAILED_OVER})
 
     @pre_dump
     def _from_result(self, result: SendResult, **_kwargs: Any) -> dict[str, Any]:
@@ -215,6 +296,8 @@ class SendFailedResponse(Schema):
             answer["category"] = result.category
         if result.uncertain:
             answer["uncertain"] = True
+        if result.failover:
+            answer["failover"] = True
         return answer
 
 

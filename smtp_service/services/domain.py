@@ -126,6 +126,9 @@ class SendResult:
     # services.bounces class for a refusal, the transport failure's kind otherwise).
     temporary: bool | None = None
     category: str | None = None
+    # True when the account's own server failed to connect (or its circuit was open) and the
+    # message went through the global server instead (`transport` is then "global").
+    failover: bool = False
 
     @property
     def sent(self) -> bool:
@@ -158,6 +161,7 @@ class SendResult:
             "uncertain": self.uncertain,
             "temporary": self.temporary,
             "category": self.category,
+            "failover": self.failover,
         }
 
     @classmethod
@@ -184,5 +188,6 @@ class SendResult:
             uncertain=bool(data.get("uncertain", False)),
             temporary=data.get("temporary"),
             category=data.get("category"),
+            failover=bool(data.get("failover", False)),
         )
 

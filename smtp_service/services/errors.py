@@ -141,3 +141,16 @@ class SmtpPoolBusy(DomainError):
             f"Retry after {retry_after} s"
         )
         self.retry_after = retry_after
+
+
+class CircuitOpen(DomainError):
+    """The account's own SMTP server failed to connect SMTP_CIRCUIT_FAILURES times in a row,
+    so it is skipped until `retry_after` seconds have passed (then one request tries it again),
+    and the account does not fail over to the global server: nothing was sent."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "The account's SMTP server failed repeatedly and is not tried for now; nothing "
+            f"was sent. Retry after {retry_after} s"
+        )
+        self.retry_after = retry_after

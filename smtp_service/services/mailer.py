@@ -29,6 +29,7 @@ from smtp_service.services.compose import (
 )
 from smtp_service.services.domain import Attachment, Bounce, SendRequest, SendResult
 from smtp_service.services.errors import (
+    CircuitOpen,
     ConfirmationNotSent,
     IdempotencyConflict,
     IdempotencyPending,
@@ -37,6 +38,15 @@ from smtp_service.services.errors import (
     NoServerConfigured,
     RecipientsSuppressed,
     SenderNotVerified,
+)
+from smtp_service.services.health import (
+    CUSTOM,
+    GLOBAL,
+    AccountHealth,
+    Admission,
+    CircuitBreaker,
+    counts_against,
+    may_fail_over,
 )
 from smtp_service.services.pool import TransportPool
 from smtp_service.services.senders import SenderService
@@ -66,6 +76,26 @@ class Route:
     pool_account: str  # the pool keeps connections per (pool_account, endpoint)
     allowed_senders: frozenset[str]
     pool_size: int | None = None  # connections kept for it; None: the pool's own size
+    failover: bool = False  # "custom": a failure to connect sends through the global server
+
+    @property
+    def server(self) -> str:
+        """"host:port", as health records name the server (never a credential)."""
+        return f"{self.endpoint.host}:{self.endpoint.port}"
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """A message ready to go, and how to build it again with another From and Reply-To (a
+    failover that must rewrite the From)."""
+
+    message_id: str
+    sender: Mailbox  # the caller's From (a rewritten one is only in `envelope`)
+    reply_to: tuple[Entry, ...]  # as the caller gave it
+    subject: str
+    tracking: bool
+    envelope: Envelope
+    compose: Callable[[Mailbox, list[Entry]], Envelope]
 
 
 OPEN_WINDOW_SECONDS = 600  # fetches of one message by one reader within it count as one open
@@ -152,6 +182,8 @@ class Mailer:
         global_pool_size: int | None = None,
         transaction: Callable[[], AbstractContextManager[Any]] = nullcontext,
         global_domains: frozenset[str] = frozenset(),
+        breaker: CircuitBreaker | None = None,
+        failover_from: str = "rewrite",
     ) -> None:
         self.settings = settings
         self.senders = senders
@@ -175,6 +207,15 @@ class Mailer:
         self.global_domains = frozenset(
             address_key(f"x@{d}").partition("@")[2] for d in global_domains
         )
+        # Health records and the circuit breaker of accounts' own servers (None: neither).
+        self.breaker = breaker
+        # SMTP_FAILOVER_FROM: what a failover does with a From the global server may not send
+        # as: "rewrite" (SMTP_FROM, "Name via Service", Reply-To the original) or "refuse".
+        self.failover_from = failover_from
+        try:
+            self._global_mailbox = parse_mailbox(global_from, "from") if global_from else None
+        except InvalidInput:
+            self._global_mailbox = None
 
     # -- choosing the server ---------------------------------------------------------------
 
@@ -197,10 +238,17 @@ class Mailer:
         if own is not None:
             e = own.endpoint
             allowed = {e.user.lower()} if e.user and "@" in e.user else set()
-            return Route("custom", e, account_id, frozenset(allowed))
+            return Route("custom", e, account_id, frozenset(allowed), failover=own.failover)
+        target = self._global_route()
+        if target is None:
+            raise NoServerConfigured()
+        return target
+
+    def _global_route(self) -> Route | None:
+        """The global server's route (SMTP_FROM its own sender), None without one."""
         g = self.settings.global_endpoint
         if g is None:
-            raise NoServerConfigured()
+            return None
         allowed = {self.global_from.lower()} if self.global_from else set()
         return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size)
 
@@ -215,8 +263,15 @@ class Mailer:
         "bounced" (the server refused it) or "failed" (no answer; `uncertain` when the content
         had gone out). Raises before anything is sent: InvalidInput (too many recipients, a bad
         address), RecipientsSuppressed, NoServerConfigured, SenderNotVerified, MessageTooLarge,
-        SmtpPoolBusy (no connection to the server became free in time; nothing is recorded).
-        The whole send ends within `deadline_seconds` (SMTP_DEADLINE).
+        SmtpPoolBusy (no connection to the server became free in time; nothing is recorded),
+        CircuitOpen (the account's server is skipped after repeated failures and the account
+        does not fail over; nothing is recorded). The whole send, a failover included, ends
+        within `deadline_seconds` (SMTP_DEADLINE).
+
+        Failover (services.health for what counts): a certain transport failure of the
+        account's own server, or its open circuit, sends the message through the global server
+        when the account's settings (or SMTP_FAILOVER) allow it; the result then says
+        transport "global" and failover True. See _failover_plan for the From.
 
         With an idempotency_key, a request equal to an earlier one with the same key (see
         SendRequest.digest) returns that request's result and sends nothing; a different
@@ -295,28 +350,39 @@ class Mailer:
         tracking = bool(html is not None and request.track_opens and self.tracker.enabled)
         if tracking:
             html = with_open_pixel(html, self.tracker.url(account_id, message_id))
-        smtputf8 = sender.needs_smtputf8 or any(
-            m.needs_smtputf8 for m in every + mailboxes(reply_to)
+
+        def compose(frm: Mailbox, replies: list[Entry]) -> Envelope:
+            """The message from `frm` with `replies` as its Reply-To; MessageTooLarge."""
+            smtputf8 = frm.needs_smtputf8 or any(
+                m.needs_smtputf8 for m in every + mailboxes(replies)
+            )
+            raw = build_message(
+                message_id=message_id,
+                sender=frm,
+                to=to,
+                cc=cc,
+                reply_to=replies,
+                subject=request.subject,
+                text=request.text,
+                html=html,
+                headers=request.headers,
+                attachments=request.attachments,
+                smtputf8=smtputf8,
+            )
+            if len(raw) > self.max_message_bytes:
+                raise MessageTooLarge(len(raw), self.max_message_bytes)
+            return Envelope(frm.address, tuple(recipients), raw, smtputf8)
+
+        draft = _Draft(
+            message_id,
+            sender,
+            tuple(reply_to),
+            request.subject,
+            tracking,
+            compose(sender, reply_to),
+            compose,
         )
-        raw = build_message(
-            message_id=message_id,
-            sender=sender,
-            to=to,
-            cc=cc,
-            reply_to=reply_to,
-            subject=request.subject,
-            text=request.text,
-            html=html,
-            headers=request.headers,
-            attachments=request.attachments,
-            smtputf8=smtputf8,
-        )
-        if len(raw) > self.max_message_bytes:
-            raise MessageTooLarge(len(raw), self.max_message_bytes)
-        envelope = Envelope(sender.address, tuple(recipients), raw, smtputf8)
-        return self._deliver(
-            account_id, route, envelope, message_id, sender, request.subject, tracking, key
-        )
+        return self._deliver(account_id, route, draft, key)
 
     def _may_send_as(self, account_id: str, route: Route, sender: Mailbox) -> bool:
         """The route's own sender (the account's SMTP user, or SMTP_FROM), an address at a
@@ -382,24 +448,43 @@ class Mailer:
         self,
         account_id: str,
         route: Route,
-        envelope: Envelope,
-        message_id: str,
-        sender: Mailbox,
-        subject: str,
-        tracking: bool,
+        draft: _Draft,
         key: str | None,
+        deadline: float | None = None,
+        failover: bool = False,
     ) -> SendResult:
+        """Send the draft through `route` and record the outcome. On the account's own server
+        the circuit breaker decides first (closed, probe, or open: fail over or CircuitOpen);
+        a certain transport failure there fails over when the account allows it. A failover
+        (`failover` True) is the same message through the global server within the same
+        deadline: the whole send still ends within SMTP_DEADLINE."""
+        if deadline is None:
+            deadline = time.monotonic() + self.deadline_seconds
+        breaker = self.breaker
+        admission: Admission | None = None
+        if route.name == CUSTOM and breaker is not None:
+            admission = breaker.admit(account_id)
+            if not admission.use:
+                plan = self._failover_plan(route, draft)
+                if plan is None:
+                    raise CircuitOpen(admission.retry_after)
+                log.info(
+                    "account %s: circuit open for %s; sending through the global server",
+                    account_id,
+                    route.server,
+                )
+                return self._deliver(account_id, plan[0], plan[1], key, deadline, True)
+        envelope = draft.envelope
         started = time.perf_counter()
         record = {
-            "message_id": message_id,
+            "message_id": draft.message_id,
             "account_id": account_id,
-            "from_addr": sender.address,
+            "from_addr": draft.sender.address,
             "recipients": list(envelope.recipients),
-            "subject": subject,
+            "subject": draft.subject,
             "transport": route.name,
-            "tracking": tracking,
+            "tracking": draft.tracking,
         }
-        deadline = time.monotonic() + self.deadline_seconds
         try:
             delivery = self.pool.send(
                 route.pool_account,
@@ -409,9 +494,38 @@ class Mailer:
                 size=route.pool_size,
             )
         except SendFailed as exc:
+            if breaker is not None:
+                if counts_against(exc):
+                    breaker.failed(account_id, route.name, exc, route.server, admission)
+                elif admission is not None:
+                    breaker.answered(account_id, admission)
+            if route.name == CUSTOM and may_fail_over(exc):
+                plan = self._failover_plan(route, draft)
+                if plan is not None:
+                    assert exc.transport is not None
+                    log.warning(
+                        "account %s: own SMTP server failed (%s); sending through the global "
+                        "server",
+                        account_id,
+                        exc.transport.kind,
+                    )
+                    return self._deliver(account_id, plan[0], plan[1], key, deadline, True)
             return self._failed(
-                account_id, route, exc, record, (time.perf_counter() - started) * 1000, key
+                account_id,
+                route,
+                exc,
+                record,
+                (time.perf_counter() - started) * 1000,
+                key,
+                failover,
             )
+        except BaseException:
+            if admission is not None and breaker is not None:
+                breaker.abandoned(account_id, admission)  # no verdict: the next one probes
+            raise
+        if admission is not None and breaker is not None:
+            breaker.answered(account_id, admission)
+        message_id = draft.message_id
         rejected = [
             classify_smtp_error(email, code, _text(reply), "rcpt")
             for email, (code, reply) in delivery.refused.items()
@@ -422,8 +536,8 @@ class Mailer:
             transport=route.name,
             accepted=tuple(delivery.accepted),
             rejected=tuple(rejected),
+            failover=failover,
         )
-
 
         def write() -> None:
             self._act_on_refusals(account_id, rejected, message_id)
@@ -481,6 +595,7 @@ class Mailer:
         record: dict[str, Any],
         duration_ms: float,
         key: str | None = None,
+        failover: bool = False,
     ) -> SendResult:
         message_id = record["message_id"]
         if exc.transport is not None:
@@ -499,6 +614,7 @@ class Mailer:
                 uncertain=exc.uncertain,
                 temporary=exc.transport.temporary and not exc.uncertain,
                 category=exc.transport.kind,
+                failover=failover,
             )
 
             def write() -> None:
@@ -552,6 +668,46 @@ class Mailer:
             error=f"SMTP server refused the message: {first.code} {first.reply}",
             temporary=all(r.temporary for r in refusals),
             category=first.category,
+            failover=failover,
+        )
+
+    def _failover_plan(self, route: Route, draft: _Draft) -> tuple[Route, _Draft] | None:
+        """The global route and the message to send through it when `route` (the account's
+        own) may fail over; None when it may not: the account does not fail over, there is
+        no global server, or the From is not the global server's own and SMTP_FAILOVER_FROM
+        is "refuse" (or there is no SMTP_FROM to rewrite it to).
+
+        The global server's own From addresses (it may send as them without failing DMARC):
+        SMTP_FROM and every address at a GLOBAL_SENDER_DOMAINS domain; those go unchanged.
+        Any other From is rewritten (DMARC, RFC 7489: the global server is not authorised
+        for the account's domain; a confirmed sender proves a mailbox, not that): From
+        becomes SMTP_FROM with the display name "<original name or address> via <SMTP_FROM's
+        name, else its domain>", and Reply-To the original From, unless the caller gave a
+        replyTo (then it stays: the caller said where replies go)."""
+        target = self._global_route() if route.failover else None
+        if target is None:
+            return None
+        sender = draft.sender
+        own = self._global_mailbox
+        domain = address_key(sender.address).rpartition("@")[2]
+        if (own is not None and sender.address.lower() == own.address.lower()) or (
+            domain in self.global_domains
+        ):
+            return target, draft
+        if self.failover_from != "rewrite" or own is None:
+            return None
+        service = own.name or own.address.rpartition("@")[2]
+        rewritten = Mailbox(f"{sender.name or sender.address} via {service}", own.address)
+        replies = list(draft.reply_to) or [sender]
+        # The record keeps the caller's From (the message log and its filters name it).
+        return target, _Draft(
+            draft.message_id,
+            sender,
+            draft.reply_to,
+            draft.subject,
+            draft.tracking,
+            draft.compose(rewritten, replies),
+            draft.compose,
         )
 
     def _act_on_refusals(self, account_id: str, refusals: list[Refusal], message_id: str) -> None:
@@ -568,6 +724,25 @@ class Mailer:
                 self.suppressions.suppress(account_id, r.email, reason="hard bounce", **details)
             elif r.category == MAILBOX_FULL:
                 self.suppressions.soft_bounce(account_id, r.email, **details)
+
+    # -- health ------------------------------------------------------------------------------
+
+    def health(self, account_id: str) -> AccountHealth:
+        """The account's SMTP health (services.health.AccountHealth): the transport its mail
+        goes through now, whether it fails over, and per transport the circuit, consecutive
+        failures, last success and failure, and send latency p50/p95 of the last hour."""
+        active = self.settings.active(account_id)
+        g = self.settings.global_endpoint
+        servers: dict[str, str | None] = {GLOBAL: f"{g.host}:{g.port}" if g else None}
+        if not active.is_global and active.endpoint is not None:
+            servers[CUSTOM] = f"{active.endpoint.host}:{active.endpoint.port}"
+        if self.breaker is None:
+            raise RuntimeError("no health records without a circuit breaker")
+        return AccountHealth(
+            transport=GLOBAL if active.is_global else CUSTOM,
+            failover=active.failover and not active.is_global,
+            transports=self.breaker.report(account_id, servers),
+        )
 
     # -- tracking ---------------------------------------------------------------------------
 

@@ -50,6 +50,9 @@ class StoredSettings:
     # The host as the file spells it, when that is not endpoint.host's normalised form (a file
     # written by hand or by the old service: "SMTP.Example.com."); the view shows it as stored.
     host_as_stored: str | None = None
+    # Whether a failure to connect fails over to the global server: the file's "failover",
+    # else SMTP_FAILOVER.
+    failover: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class ActiveSettings:
     endpoint: SmtpEndpoint | None
     is_global: bool
     host_as_stored: str | None = None  # see StoredSettings
+    failover: bool = False  # see StoredSettings (own settings only)
 
 
 class SettingsService:
@@ -73,8 +77,10 @@ class SettingsService:
         global_endpoint: SmtpEndpoint | None,
         timeouts: Timeouts | float,
         ehlo_name: str = DEFAULT_EHLO_NAME,
+        failover_default: bool = False,
     ) -> None:
         self.files = files
+        self.failover_default = failover_default  # SMTP_FAILOVER: settings without "failover"
         self.box = box
         self.guard = guard
         self.global_endpoint = global_endpoint
@@ -84,6 +90,9 @@ class SettingsService:
         # Called with the account id after a save or delete (the sending pool drops its
         # connections); other workers notice the change: their pool compares the endpoint.
         self.on_change: Callable[[str], None] = lambda _account_id: None
+        # Called after a connection test of the account's saved server: (account, "host:port",
+        # the TransportError or None); the health records count it.
+        self.on_test: Callable[[str, str, TransportError | None], None] = lambda *_args: None
         self._cache: FileCache[StoredSettings] = FileCache(_CACHE_SIZE)
 
     # -- reading -----------------------------------------------------------------------------
@@ -115,7 +124,16 @@ class SettingsService:
             raise StoredSettingsUnusable(str(exc)) from None
         endpoint = _endpoint({**data, "password": password})
         as_stored = raw["host"] if raw["host"] != endpoint.host else None
-        return StoredSettings(endpoint, data["updatedAt"], data["updatedBy"], as_stored)
+        return StoredSettings(
+            endpoint,
+            data["updatedAt"],
+            data["updatedBy"],
+            as_stored,
+            self._failover(endpoint),
+        )
+
+    def _failover(self, endpoint: SmtpEndpoint) -> bool:
+        return self.failover_default if endpoint.failover is None else endpoint.failover
 
     def active(self, account_id: str) -> ActiveSettings:
         """The account's own settings when usable, else the global server's (is_global)."""
@@ -127,7 +145,12 @@ class SettingsService:
             )
             own = None
         if own is not None:
-            return ActiveSettings(own.endpoint, is_global=False, host_as_stored=own.host_as_stored)
+            return ActiveSettings(
+                own.endpoint,
+                is_global=False,
+                host_as_stored=own.host_as_stored,
+                failover=own.failover,
+            )
         return ActiveSettings(self.global_endpoint, is_global=True)
 
     # -- writing -----------------------------------------------------------------------------
@@ -156,7 +179,12 @@ class SettingsService:
         except HostRefused:
             raise InvalidInput.field("host", REFUSED_TEXT) from None
         password = endpoint.password.reveal() if endpoint.password else ""
-        stored = StoredSettings(endpoint, updated_at=iso_utc(), updated_by=user_id)
+        stored = StoredSettings(
+            endpoint,
+            updated_at=iso_utc(),
+            updated_by=user_id,
+            failover=self._failover(endpoint),
+        )
         document = {
             "host": endpoint.host,
             "port": endpoint.port,
@@ -169,6 +197,8 @@ class SettingsService:
         }
         if endpoint.max_connections is not None:  # files without it stay as they were
             document["maxConnections"] = endpoint.max_connections
+        if endpoint.failover is not None:  # absent: the deployment's SMTP_FAILOVER
+            document["failover"] = endpoint.failover
         self.files.write(account_id, SETTINGS_FILE, document)
         self._cache.discard(account_id)
         self.on_change(account_id)
@@ -192,13 +222,40 @@ class SettingsService:
 
     # -- testing -----------------------------------------------------------------------------
 
-    def test(self, endpoint: SmtpEndpoint) -> ConnectionCheck:
+    def test(self, endpoint: SmtpEndpoint, account_id: str | None = None) -> ConnectionCheck:
         """Connect with the given (unsaved) settings, within the SMTP deadline (seconds, each
         stage within its timeout): whether the credentials were used (a server that offers no
-        AUTH gets none) and TLS was on. Raises TransportError with a safe text."""
-        return check_connection(
-            endpoint, timeouts=self.timeouts, guard=self.guard, ehlo_name=self.ehlo_name
-        )
+        AUTH gets none) and TLS was on. Raises TransportError with a safe text.
+
+        With `account_id`, a test of exactly the account's saved server (host, port, TLS
+        mode, user, password) is reported to `on_test(account_id, "host:port", error or
+        None)`: the health records and the circuit breaker count it like a send."""
+        try:
+            found = check_connection(
+                endpoint, timeouts=self.timeouts, guard=self.guard, ehlo_name=self.ehlo_name
+            )
+        except TransportError as exc:
+            self._tested(account_id, endpoint, exc)
+            raise
+        self._tested(account_id, endpoint, None)
+        return found
+
+    def _tested(
+        self, account_id: str | None, endpoint: SmtpEndpoint, error: TransportError | None
+    ) -> None:
+        if account_id is None:
+            return
+        try:
+            own = self.load(account_id)
+        except StoredSettingsUnusable:
+            return
+        if own is None or own.endpoint != endpoint:  # other settings: not the account's server
+            return
+        try:
+            self.on_test(account_id, f"{endpoint.host}:{endpoint.port}", error)
+        except Exception as exc:  # noqa: BLE001 - the test's answer stands
+            name = type(exc).__name__
+            log.error("account %s: connection test not recorded (%s)", account_id, name)
 
     # -- maintenance (CLI) -------------------------------------------------------------------
 
@@ -269,6 +326,7 @@ def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
         password=Secret(fields["password"]),
         require_tls=fields["requireTls"],
         max_connections=fields.get("maxConnections"),
+        failover=fields.get("failover"),
     )
 
 

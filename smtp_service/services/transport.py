@@ -62,6 +62,9 @@ class SmtpEndpoint:
     # Most connections open at once to this server for the account (settings' maxConnections);
     # None: the pool's size. It does not make a connection differ, so it is not compared.
     max_connections: int | None = field(default=None, compare=False)
+    # Settings' "failover": send through the global server when this one fails to connect;
+    # None: the deployment's default (SMTP_FAILOVER). Not a property of the connection either.
+    failover: bool | None = field(default=None, compare=False)
 
 
 # Kinds of failure a later retry can get past as they are (the server or network may recover);

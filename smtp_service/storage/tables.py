@@ -95,3 +95,27 @@ idempotency = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 Index("idempotency_by_age", idempotency.c.account_id, idempotency.c.created_at)
+
+# Sends through one transport of one account, by time: the last success and the latency
+# percentiles of GET /api/smtp/health are read from the message log through it.
+Index("messages_by_transport", messages.c.account_id, messages.c.transport, messages.c.created_at)
+
+# The health of each transport ("custom", "global") an account used, and its circuit breaker
+# (storage/health.py). Written on failures, circuit transitions and connection tests only; a
+# successful send writes nothing here (its row in `messages` says it).
+smtp_health = Table(
+    "smtp_health",
+    metadata,
+    Column("account_id", Text, primary_key=True),
+    Column("transport", Text, primary_key=True),
+    Column("server", Text),  # "host:port" of the last attempt recorded (never a credential)
+    Column("state", Text, nullable=False, server_default="closed"),  # closed, open, half_open
+    Column("failures", Integer, nullable=False, server_default="0"),  # consecutive
+    Column("open_until", BigInteger),  # open: skipped until then; then one request probes
+    Column("probe_until", BigInteger),  # half_open: the probe's claim lapses then
+    Column("last_failure_at", BigInteger),
+    Column("last_failure_kind", Text),
+    Column("last_failure_reason", Text),
+    Column("last_success_at", BigInteger),  # tests and probes; sends are read from `messages`
+    Column("updated_at", BigInteger, nullable=False),
+)

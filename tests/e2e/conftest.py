@@ -273,6 +273,51 @@ def start_live(
     return live
 
 
+def start_instances(
+    tmp_path: Path,
+    *,
+    ca_file: str,
+    global_server: SmtpServer,
+    account_server: SmtpServer,
+    database_url: str,
+    names: tuple[str, ...] = ("a", "b"),
+    **env: str,
+) -> list[LiveService]:
+    """Instances (each a gunicorn of 2 workers) sharing one data folder, one database and one
+    encryption key, as several hosts would run them; `env` over every one's environment. The
+    caller stops them (also when this raises, those started are stopped here)."""
+    data_dir = tmp_path / "shared-data"
+    key = new_key()
+    started: list[LiveService] = []
+    try:
+        for name in names:
+            port = free_port()
+            environment = service_environment(
+                port=port,
+                data_dir=data_dir,
+                ca_file=ca_file,
+                global_server=global_server,
+                DATABASE_URL=database_url,
+                SMTP_ENCRYPTION_KEYS=key,
+                **env,
+            )
+            started.append(
+                start_live(
+                    port=port,
+                    data_dir=data_dir,
+                    log_path=tmp_path / f"gunicorn-{name}.log",
+                    env=environment,
+                    global_server=global_server,
+                    account_server=account_server,
+                )
+            )
+    except BaseException:
+        for live in started:
+            live.stop()
+        raise
+    return started
+
+
 @pytest.fixture
 def live_service(
     tmp_path: Path, trust_test_ca: str, global_server: SmtpServer, smtp_factory: Any
@@ -310,5 +355,6 @@ __all__ = [
     "SMTP_USER",
     "free_port",
     "service_environment",
+    "start_instances",
     "start_live",
 ]

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from smtp_service.services.crypto import new_key
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.databases import PG_SKIP, empty_tables
-from tests.e2e.conftest import LiveService, free_port, service_environment, start_live
+from tests.e2e.conftest import LiveService, start_instances
 from tests.smtpd import SmtpServer
 
 ACCOUNT = "acct-instances"
@@ -31,31 +30,14 @@ def instances(
     if pg_schema_url is None:
         pytest.skip(PG_SKIP)
     empty_tables(pg_schema_url)
-    account_server = smtp_factory("starttls")
-    data_dir = tmp_path / "shared-data"
-    key = new_key()
-    started: list[LiveService] = []
+    started = start_instances(
+        tmp_path,
+        ca_file=trust_test_ca,
+        global_server=global_server,
+        account_server=smtp_factory("starttls"),
+        database_url=pg_schema_url,
+    )
     try:
-        for name in ("a", "b"):
-            port = free_port()
-            env = service_environment(
-                port=port,
-                data_dir=data_dir,
-                ca_file=trust_test_ca,
-                global_server=global_server,
-                DATABASE_URL=pg_schema_url,
-                SMTP_ENCRYPTION_KEYS=key,
-            )
-            started.append(
-                start_live(
-                    port=port,
-                    data_dir=data_dir,
-                    log_path=tmp_path / f"gunicorn-{name}.log",
-                    env=env,
-                    global_server=global_server,
-                    account_server=account_server,
-                )
-            )
         yield started[0], started[1]
     finally:
         for live in started:
