@@ -117,7 +117,7 @@ class ErrorResponse(Schema):
     suppressed = fields.List(fields.String())  # 422 from send-email: the suppressed recipients
 
 
-class LatencyPercentiles(Schema):
+class HealthLatency(Schema):
     """Send latency of the window's sent messages, in milliseconds (null: none sent)."""
 
     p50 = fields.Float(allow_none=True)
@@ -140,7 +140,7 @@ class TransportHealth(Schema):
     lastFailureAt = fields.String(allow_none=True)
     lastFailureKind = fields.String(allow_none=True)
     lastFailureReason = fields.String(allow_none=True)
-    latencyMs = fields.Nested(LatencyPercentiles)
+    latencyMs = fields.Nested(HealthLatency)
 
     @pre_dump
     def _from_report(self, report: Any, **_kwargs: Any) -> dict[str, Any]:
