@@ -37,6 +37,7 @@ _RECORD = MessageRecord()
         413: ErrorResponse,
         415: ErrorResponse,
         422: ErrorResponse,
+        429: ErrorResponse,
         502: SendFailedResponse,
         503: ErrorResponse,
     },

@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # only named in hints: the services import the stored-file sc
 _MAX_CONNECTIONS = (
     "Present when the account set it: most connections open at once to its server, per worker."
 )
+_RATE_LIMIT = (
+    "Present when the account set it: its send rate limit ('500/day', or 'unlimited'), in "
+    "place of the service's SEND_RATE_LIMIT."
+)
 
 
 class SmtpSettingsView(Schema):
@@ -32,6 +36,7 @@ class SmtpSettingsView(Schema):
     isGlobal = fields.Boolean()
     requireTls = fields.Boolean()
     maxConnections = fields.Integer(metadata={"description": _MAX_CONNECTIONS})
+    rateLimit = fields.String(metadata={"description": _RATE_LIMIT})
 
     @pre_dump
     def _from_settings(self, active: ActiveSettings, **_kwargs: Any) -> dict[str, Any]:
@@ -47,6 +52,8 @@ class SmtpSettingsView(Schema):
         }
         if e is not None and e.max_connections is not None:
             view["maxConnections"] = e.max_connections
+        if e is not None and e.rate_limit is not None:
+            view["rateLimit"] = e.rate_limit
         return view
 
 
@@ -61,13 +68,17 @@ class SavedSettings(Schema):
     maxConnections = fields.Integer(
         attribute="endpoint.max_connections", metadata={"description": _MAX_CONNECTIONS}
     )
+    rateLimit = fields.String(
+        attribute="endpoint.rate_limit", metadata={"description": _RATE_LIMIT}
+    )
     updatedAt = fields.String(attribute="updated_at")
     updatedBy = fields.String(attribute="updated_by", allow_none=True)
 
     @post_dump
     def _cap_only_when_set(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
-        if data.get("maxConnections") is None:
-            data.pop("maxConnections", None)
+        for name in ("maxConnections", "rateLimit"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 

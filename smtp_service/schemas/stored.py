@@ -11,7 +11,7 @@ from typing import Any
 
 from marshmallow import Schema, fields, post_load, validate
 
-from smtp_service.schemas.fields import HostName, NonEmptyString, StrictInteger
+from smtp_service.schemas.fields import HostName, NonEmptyString, RateLimitText, StrictInteger
 
 IMPLICIT_TLS_PORT = 465
 
@@ -73,6 +73,7 @@ class StoredSmtpSettings(Schema):
     maxConnections = StrictInteger(
         load_default=None, allow_none=True, validate=validate.Range(min=1, max=MAX_CONNECTIONS)
     )
+    rateLimit = RateLimitText(load_default=None, allow_none=True)
     updatedAt = fields.String(load_default=None)
     updatedBy = fields.String(load_default=None, allow_none=True)
 

@@ -39,6 +39,7 @@ from smtp_service.services.errors import (
     SenderNotVerified,
 )
 from smtp_service.services.pool import TransportPool
+from smtp_service.services.send_rate import Rate, Reservation, SendRateLimiter
 from smtp_service.services.senders import SenderService
 from smtp_service.services.session import Envelope, SendFailed
 from smtp_service.services.settings import SettingsService, StoredSettingsUnusable
@@ -66,6 +67,7 @@ class Route:
     pool_account: str  # the pool keeps connections per (pool_account, endpoint)
     allowed_senders: frozenset[str]
     pool_size: int | None = None  # connections kept for it; None: the pool's own size
+    rates: tuple[Rate, ...] = ()  # the account's send rate limits (none: not counted)
 
 
 OPEN_WINDOW_SECONDS = 600  # fetches of one message by one reader within it count as one open
@@ -152,6 +154,7 @@ class Mailer:
         global_pool_size: int | None = None,
         transaction: Callable[[], AbstractContextManager[Any]] = nullcontext,
         global_domains: frozenset[str] = frozenset(),
+        send_rates: SendRateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.senders = senders
@@ -175,6 +178,7 @@ class Mailer:
         self.global_domains = frozenset(
             address_key(f"x@{d}").partition("@")[2] for d in global_domains
         )
+        self.send_rates = send_rates  # None: no send is counted
 
     # -- choosing the server ---------------------------------------------------------------
 
@@ -194,15 +198,18 @@ class Mailer:
                 exc,
             )
             own = None
+        limiter = self.send_rates
         if own is not None:
             e = own.endpoint
             allowed = {e.user.lower()} if e.user and "@" in e.user else set()
-            return Route("custom", e, account_id, frozenset(allowed))
+            rates = limiter.rates_for(e.rate_limit) if limiter else ()
+            return Route("custom", e, account_id, frozenset(allowed), rates=rates)
         g = self.settings.global_endpoint
         if g is None:
             raise NoServerConfigured()
         allowed = {self.global_from.lower()} if self.global_from else set()
-        return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size)
+        rates = limiter.default if limiter else ()
+        return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size, rates)
 
     # -- the request -----------------------------------------------------------------------
 
@@ -215,7 +222,9 @@ class Mailer:
         "bounced" (the server refused it) or "failed" (no answer; `uncertain` when the content
         had gone out). Raises before anything is sent: InvalidInput (too many recipients, a bad
         address), RecipientsSuppressed, NoServerConfigured, SenderNotVerified, MessageTooLarge,
-        SmtpPoolBusy (no connection to the server became free in time; nothing is recorded).
+        SendRateLimited (the account's send rate limit is reached: see _deliver for what
+        counts), SmtpPoolBusy (no connection to the server became free in time; nothing is
+        recorded).
         The whole send ends within `deadline_seconds` (SMTP_DEADLINE).
 
         With an idempotency_key, a request equal to an earlier one with the same key (see
@@ -389,6 +398,16 @@ class Mailer:
         tracking: bool,
         key: str | None,
     ) -> SendResult:
+        """Send through the route's pool and record the outcome.
+
+        With send rate limits (route.rates), a slot is taken in each of the account's windows
+        first (SendRateLimited when one is full; nothing is sent) and kept when the send
+        reached a server: the server took the message, refused it (a bounce), or may have it
+        (uncertain). It is given back when the send ended before that: the pool stayed busy,
+        or the connection, TLS or AUTH failed before the message content went out. A replay
+        of an Idempotency-Key never gets here, so it counts nothing.
+        """
+        reservation = self._reserve(account_id, route)
         started = time.perf_counter()
         record = {
             "message_id": message_id,
@@ -409,9 +428,15 @@ class Mailer:
                 size=route.pool_size,
             )
         except SendFailed as exc:
+            if reservation is not None and exc.transport is not None and not exc.uncertain:
+                self._release(reservation)  # nothing reached a server: the slot is free again
             return self._failed(
                 account_id, route, exc, record, (time.perf_counter() - started) * 1000, key
             )
+        except BaseException:  # SmtpPoolBusy, or a bug: nothing was sent
+            if reservation is not None:
+                self._release(reservation)
+            raise
         rejected = [
             classify_smtp_error(email, code, _text(reply), "rcpt")
             for email, (code, reply) in delivery.refused.items()
@@ -438,6 +463,17 @@ class Mailer:
 
         self._settle(account_id, result, key, write)
         return result
+
+    def _reserve(self, account_id: str, route: Route) -> Reservation | None:
+        """A slot in each of the route's send windows (None when it has no rates: nothing is
+        counted, and the database is not asked). Raises SendRateLimited."""
+        if not route.rates or self.send_rates is None:
+            return None
+        return self.send_rates.reserve(account_id, route.rates)
+
+    def _release(self, reservation: Reservation) -> None:
+        assert self.send_rates is not None
+        self.send_rates.release(reservation)
 
     def _settle(
         self, account_id: str, result: SendResult, key: str | None, write: Callable[[], None]

@@ -138,7 +138,8 @@ class SettingsService:
         """Check the host, encrypt the password and store the account's settings.
 
         `settings` is an SmtpEndpoint (what SmtpSettingsInput loads), or a mapping with its
-        fields (host, port, secure, user, password, requireTls, maxConnections optional) for
+        fields (host, port, secure, user, password, requireTls, maxConnections and rateLimit
+        optional; a mapping's rateLimit is not checked here, the schemas check it) for
         callers written before.
         Returns what was stored (updated now, by user_id). InvalidInput on "host" when the
         host is not one (a mapping's host is normalised here, as the schema does for an
@@ -169,6 +170,8 @@ class SettingsService:
         }
         if endpoint.max_connections is not None:  # files without it stay as they were
             document["maxConnections"] = endpoint.max_connections
+        if endpoint.rate_limit is not None:
+            document["rateLimit"] = endpoint.rate_limit
         self.files.write(account_id, SETTINGS_FILE, document)
         self._cache.discard(account_id)
         self.on_change(account_id)
@@ -269,6 +272,7 @@ def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
         password=Secret(fields["password"]),
         require_tls=fields["requireTls"],
         max_connections=fields.get("maxConnections"),
+        rate_limit=fields.get("rateLimit"),
     )
 
 

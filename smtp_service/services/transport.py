@@ -62,6 +62,9 @@ class SmtpEndpoint:
     # Most connections open at once to this server for the account (settings' maxConnections);
     # None: the pool's size. It does not make a connection differ, so it is not compared.
     max_connections: int | None = field(default=None, compare=False)
+    # The account's send rate limit (settings' rateLimit, services.send_rate's syntax; None:
+    # SEND_RATE_LIMIT). An account's policy carried with its settings, like max_connections.
+    rate_limit: str | None = field(default=None, compare=False)
 
 
 # Kinds of failure a later retry can get past as they are (the server or network may recover);

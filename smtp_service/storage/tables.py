@@ -93,3 +93,14 @@ idempotency = Table(
     Column("created_at", BigInteger, nullable=False),
 )
 Index("idempotency_by_age", idempotency.c.account_id, idempotency.c.created_at)
+
+# Sends counted per account, rate ("100/60": 100 per 60 s) and fixed window (its first second
+# since the epoch): storage/send_rate.py takes and gives back slots.
+send_rate = Table(
+    "send_rate",
+    metadata,
+    Column("account_id", Text, primary_key=True),
+    Column("rate", Text, primary_key=True),
+    Column("window_start", BigInteger, primary_key=True),
+    Column("used", Integer, nullable=False),
+)
