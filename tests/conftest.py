@@ -16,7 +16,7 @@ from smtp_service import create_app
 from smtp_service.services.crypto import new_key
 from tests.smtpd import SmtpServer
 
-pytest_plugins = ["tests.log_guard", "tests.databases"]
+pytest_plugins = ["tests.log_guard", "tests.databases", "tests.redis_store"]
 
 JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER = "mailer@example.com"

@@ -40,8 +40,10 @@ class Rate:
 
     @property
     def key(self) -> str:
-        """The rate's name in the counters: "100/60"."""
-        return f"{self.amount}/{self.seconds}"
+        """The counter's name: the window's length in seconds ("60"). Not the amount: the
+        sends an account made this hour still count when its limit changes from 100/hour to
+        200/hour (or from the default to its own)."""
+        return str(self.seconds)
 
     def __str__(self) -> str:
         return f"{self.amount} per {_duration(self.seconds)}"
@@ -54,8 +56,8 @@ def parse_rates(text: str) -> tuple[Rate, ...]:
 
     "" and "unlimited" (any case) are no rates: no limit. Raises InvalidRate for anything else
     that does not parse, a rate of 0 sends, or a text over MAX_RATE_TEXT characters. Rates are
-    returned in one fixed order (by window, then amount), duplicates dropped: counters are
-    always taken in that order.
+    returned in one fixed order (by window length), one per window length (the smallest amount
+    given for it): counters are always taken in that order.
     """
     value = text.strip()
     if len(value) > MAX_RATE_TEXT:
@@ -66,10 +68,13 @@ def parse_rates(text: str) -> tuple[Rate, ...]:
         items = parse_many(value)
     except ValueError:
         raise InvalidRate(f"Must be {RATE_HINT}.") from None
-    rates = {Rate(item.amount, item.get_expiry()) for item in items}
-    if any(r.amount < 1 for r in rates):
-        raise InvalidRate(f"A rate must allow at least 1 send (for no limit: '{UNLIMITED}').")
-    return tuple(sorted(rates, key=lambda r: (r.seconds, r.amount)))
+    amounts: dict[int, int] = {}
+    for item in items:
+        if item.amount < 1:
+            raise InvalidRate(f"A rate must allow at least 1 send (for no limit: '{UNLIMITED}').")
+        seconds = item.get_expiry()
+        amounts[seconds] = min(item.amount, amounts.get(seconds, item.amount))
+    return tuple(Rate(amounts[s], s) for s in sorted(amounts))
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ _GIVE_BACK = (
 
 @dataclass(frozen=True)
 class Window:
-    """One fixed window of one rate: `rate` names it ("100/60": 100 sends per 60 s), `start`
-    is its first second (seconds since the epoch), `limit` the sends it allows."""
+    """One fixed window: `rate` names its length ("60": a minute's window), `start` is its
+    first second (seconds since the epoch), `limit` the sends it allows."""
 
     rate: str
     start: int

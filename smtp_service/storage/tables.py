@@ -94,8 +94,9 @@ idempotency = Table(
 )
 Index("idempotency_by_age", idempotency.c.account_id, idempotency.c.created_at)
 
-# Sends counted per account, rate ("100/60": 100 per 60 s) and fixed window (its first second
-# since the epoch): storage/send_rate.py takes and gives back slots.
+# Sends counted per account, window length ("60": per minute; the limit itself is not kept, so
+# a changed limit still counts the window's sends) and fixed window (its first second since the
+# epoch): storage/send_rate.py takes and gives back slots.
 send_rate = Table(
     "send_rate",
     metadata,
