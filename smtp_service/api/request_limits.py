@@ -70,8 +70,9 @@ def _account() -> str:
 
 
 def _retry_after(limit: RequestLimit) -> str:
-    """Whole seconds until the window frees (at least 1), RFC 9110 10.2.3."""
-    return str(max(1, math.ceil(limit.reset_at - time.time())))
+    """Whole seconds until the window frees (at least 1), RFC 9110 10.2.3. (RequestLimit's
+    reset_at adds a second to the window's end; its window is the end itself.)"""
+    return str(max(1, math.ceil(limit.window.reset_time - time.time())))
 
 
 def _too_many(limit: RequestLimit) -> Response:
