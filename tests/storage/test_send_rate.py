@@ -153,7 +153,8 @@ def test_concurrent_takes_on_separate_engines_are_exact(database_url):
 
         def one(i: int) -> None:
             barrier.wait()
-            got = counters[i % 4].take("acct-race", [Window("3600", 0, 100), w])
+            # one window: nothing else serialises the racers (a first window's row lock would)
+            got = counters[i % 4].take("acct-race", [w])
             with lock:
                 results.append(got)
 
@@ -164,7 +165,6 @@ def test_concurrent_takes_on_separate_engines_are_exact(database_url):
             t.join(30)
         assert results.count(None) == 7 and results.count(w) == 13
         assert counters[0].used("acct-race", "86400", 0) == 7
-        assert counters[0].used("acct-race", "3600", 0) == 7
     finally:
         for e in engines:
             e.dispose()
