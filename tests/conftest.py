@@ -122,6 +122,9 @@ def app_config(tmp_path, global_server, database_url) -> dict[str, Any]:
         "SMTP_FROM": "noreply@example.com",
         "SMTP_TIMEOUT": "3",
         "PUBLIC_BASE_URL": "http://localhost",  # open tracking on (off without it)
+        # Many tests try connections with one account in one app: the default of 5 a minute
+        # is tested where limits are (tests/api/test_request_limits.py).
+        "SMTP_TEST_RATE_LIMIT": "10000/minute",
     }
 
 

@@ -50,8 +50,8 @@ def init_request_limits(app: Flask) -> None:
     pixel_limit = limiter.limit(app.config["TRACKING_RATE_LIMIT"], on_breach=_too_many)
     app.view_functions[endpoint] = pixel_limit(open_pixel)
 
-    # The connection test: per account, checked by the view once the token is verified (a
-    # request without a valid token is a 401 and counts nothing).
+    # The connection test: per account, checked by the view once the token and the body are
+    # valid (a 401, 400 or 415 opens no connection and counts nothing).
     app.extensions[_TEST_LIMIT] = limiter.limit(
         app.config["SMTP_TEST_RATE_LIMIT"], key_func=_account, on_breach=_test_refused
     )

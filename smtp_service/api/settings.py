@@ -84,12 +84,12 @@ class SettingsResource(MethodView):
 def test_connection():
     """POST /api/smtp/test; at most SMTP_TEST_RATE_LIMIT per account (429, Retry-After)."""
     current_caller()
-    try:
+    endpoint = json_body(_SETTINGS_INPUT)
+    try:  # counted once the body is valid: a refused body never connects anywhere
         with smtp_test_limit():
             pass
     except RateLimitExceeded as exc:
         return exc.get_response()
-    endpoint = json_body(_SETTINGS_INPUT)
     try:
         found = services().settings.test(endpoint)
     except TransportError as exc:

@@ -75,20 +75,28 @@ def test_a_request_without_a_valid_token_counts_nothing(make_app, tokens, smtp_s
     assert _test(client, tokens, smtp_server).status_code == 429
 
 
-def test_a_failed_or_invalid_test_counts(make_app, tokens, smtp_server):
-    """Every authenticated attempt counts, as Discourse counts them: a wrong password is what a
-    caller probing credentials would send."""
-    client = make_app(SMTP_TEST_RATE_LIMIT="2/minute").test_client()
+def test_a_failed_test_counts_and_a_refused_body_does_not(make_app, tokens, smtp_server):
+    """Every test that tries a server counts, failed or not (a wrong password is what a caller
+    probing credentials sends, a refused host what one mapping a network sends); a body refused
+    before any connection (400, 415) does not."""
+    client = make_app(SMTP_TEST_RATE_LIMIT="3/minute").test_client()
+    for _ in range(3):
+        r = client.post("/api/smtp/test", json={"host": ""}, headers=tokens.headers())
+        assert r.status_code == 400 and r.json["error"] == "Validation failed"
+        r = client.post("/api/smtp/test", data="x", headers=tokens.headers())
+        assert r.status_code == 415
     wrong = settings_body(smtp_server, **{"pass": "wrong"})
     r = client.post("/api/smtp/test", json=wrong, headers=tokens.headers())
     assert r.status_code == 400 and r.json["success"] is False
-    r = client.post("/api/smtp/test", json={"host": ""}, headers=tokens.headers())
-    assert r.status_code == 400
+    refused = settings_body(smtp_server, host="10.0.0.1")  # the SSRF guard: never dialled
+    r = client.post("/api/smtp/test", json=refused, headers=tokens.headers())
+    assert r.status_code == 400 and r.json["success"] is False
+    assert _test(client, tokens, smtp_server).status_code == 200
     assert _test(client, tokens, smtp_server).status_code == 429
 
 
 def test_the_default_is_5_a_minute(make_app, tokens, smtp_server):
-    client = make_app().test_client()
+    client = make_app(SMTP_TEST_RATE_LIMIT="").test_client()  # tests/conftest.py sets one
     codes = [_test(client, tokens, smtp_server).status_code for _ in range(6)]
     assert codes == [200] * 5 + [429]
 

@@ -145,9 +145,11 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
     assert (SMTP_USER, True) in live.account_server.auth_attempts
     assert (SMTP_USER, False) in live.account_server.auth_attempts
     subjects = [m.message["Subject"] for m in live.account_server.messages]
-    # custom, verified sender, idempotent (once for two requests), partial rejection
-    assert len(subjects) == 4, subjects
-    assert [m.rcpt_tos for m in live.account_server.messages][-1] == ["rcpt@example.net"]
+    # custom, verified sender, idempotent (once for two requests), partial rejection, and the
+    # one send within the Rate limits folder's 1/day (the next is 429, not sent)
+    assert len(subjects) == 5, subjects
+    assert subjects[-1] == "Rate limited from Postman"
+    assert [m.rcpt_tos for m in live.account_server.messages][-2] == ["rcpt@example.net"]
     # the global server got: a confirmation for each sender added (from SMTP_FROM), the send
     # from the sender confirmed with its code, and the send from SMTP_FROM
     confirmations = [
