@@ -6,6 +6,7 @@ connection that failed, a replay), and the settings field (saved, shown, validat
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import pytest
@@ -230,3 +231,33 @@ def test_send_rate_limit_config_is_checked_at_start(app_config):
         _app(app_config, SEND_RATE_LIMIT="lots")
     with pytest.raises(ConfigError, match="at least 1 send"):
         _app(app_config, SEND_RATE_LIMIT="0/minute")
+
+
+def test_a_busy_pool_gives_its_slot_back(app_config, tokens, servers):
+    """503 (every connection stayed busy, nothing sent) counts nothing."""
+    server = servers()
+    app = _app(
+        app_config,
+        SEND_RATE_LIMIT="2/day",
+        SMTP_POOL_SIZE="1",
+        SMTP_POOL_WAIT_SECONDS="0.3",
+    )
+    try:
+        client = app.test_client()
+        _use(client, tokens, server)
+        server.fault("content", "delay", seconds=1.0, times=1)
+        first = {}
+        thread = threading.Thread(
+            target=lambda: first.update(r=_send(app.test_client(), tokens))
+        )
+        thread.start()
+        assert server.wait_until(lambda: server.count("DATA") == 1)
+        busy = _send(client, tokens)
+        assert busy.status_code == 503, busy.json
+        thread.join(10)
+        assert first["r"].status_code == 200
+        assert [_send(client, tokens).status_code for _ in range(2)] == [200, 429]
+        assert len(server.messages) == 2
+    finally:
+        app.extensions["smtp_service"].pool.close_all()
+        app.extensions["smtp_service"].database.dispose()
