@@ -37,6 +37,7 @@ from smtp_service.services.errors import (
     NoServerConfigured,
     RecipientsSuppressed,
     SenderNotVerified,
+    SmtpPoolBusy,
 )
 from smtp_service.services.pool import TransportPool
 from smtp_service.services.send_rate import Rate, Reservation, SendRateLimiter
@@ -433,7 +434,7 @@ class Mailer:
             return self._failed(
                 account_id, route, exc, record, (time.perf_counter() - started) * 1000, key
             )
-        except BaseException:  # SmtpPoolBusy, or a bug: nothing was sent
+        except SmtpPoolBusy:  # nothing was sent (any other error keeps the slot: the safe side)
             if reservation is not None:
                 self._release(reservation)
             raise
