@@ -22,6 +22,7 @@ from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import TransportPool
 from smtp_service.services.records import MessageRecords
+from smtp_service.services.send_rate import SendRateLimiter, parse_rates
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
 from smtp_service.services.transport import Secret, SmtpEndpoint, Timeouts, connect
@@ -31,6 +32,7 @@ from smtp_service.storage.health import HealthStore
 from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
 from smtp_service.storage.refusals import RefusalBoard
+from smtp_service.storage.send_rate import SendCounters
 from smtp_service.storage.suppressions import SuppressionList
 
 __all__ = ["ConfigError", "create_app"]
@@ -96,6 +98,11 @@ class Services:
             open_seconds=config["SMTP_CIRCUIT_SECONDS"],
             probe_seconds=self.timeouts.operation + 30.0,
         )
+        # Per-account send rate limits, counted in the database (SEND_RATE_LIMIT, or the
+        # account's rateLimit); with neither, a send is not counted and the database not asked.
+        self.send_rates = SendRateLimiter(
+            SendCounters(self.database), parse_rates(config["SEND_RATE_LIMIT"])
+        )
         self.records = MessageRecords(self.messages, self.suppressions)
         # The listing's cursors are signed with a key derived from the encryption key (as the
         # open pixels are): every worker and instance reads the others' cursors.
@@ -144,6 +151,7 @@ class Services:
             global_domains=frozenset(config["GLOBAL_SENDER_DOMAINS"]),
             breaker=self.breaker,
             failover_from=config["SMTP_FAILOVER_FROM"],
+            send_rates=self.send_rates,
         )
         if config["PUBLIC_BASE_URL"] is None:
             logging.getLogger(__name__).warning(
@@ -275,10 +283,10 @@ def register_blueprints(app: Flask) -> None:
 
 
 def register_rate_limits(app: Flask) -> None:
-    """Per-client limits on the routes that need them (the open pixel)."""
-    from smtp_service.api.tracking import limit_opens
+    """Request limits on the routes that need them (the open pixel, the connection test)."""
+    from smtp_service.api.request_limits import init_request_limits
 
-    limit_opens(app)
+    init_request_limits(app)
 
 
 def register_commands(app: Flask) -> None:

@@ -263,6 +263,35 @@ def _rate(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _send_rate(env: Mapping[str, str]) -> str:
+    """SEND_RATE_LIMIT: the sends each account may make ("100/minute;2000/hour"), "" for no
+    limit (the default: a deployment that sets nothing sends as before, uncounted)."""
+    from smtp_service.services.send_rate import InvalidRate, parse_rates
+
+    value = env.get("SEND_RATE_LIMIT", "").strip()
+    try:
+        parse_rates(value)
+    except InvalidRate as exc:
+        raise ConfigError(f"SEND_RATE_LIMIT {value!r}: {exc}") from None
+    return value
+
+
+_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
+
+
+def _limiter_storage(env: Mapping[str, str]) -> str:
+    """RATELIMIT_STORAGE_URI: where flask-limiter counts requests (memory://, per worker, or
+    redis://host:port[/db] shared by every worker and instance)."""
+    uri = env.get("RATELIMIT_STORAGE_URI", "").strip() or "memory://"
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme not in _STORAGE_SCHEMES:
+        # The scheme only: the rest of a URI may hold a password.
+        raise ConfigError(
+            f"RATELIMIT_STORAGE_URI must start memory:// or redis://, not {scheme or uri[:10]!r}"
+        )
+    return uri
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     """One of `choices` (the first when unset)."""
     value = env.get(name, "").strip().lower() or choices[0]
@@ -358,4 +387,8 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SMTP_FAILOVER_FROM": _choice(env, "SMTP_FAILOVER_FROM", ("rewrite", "refuse")),
         "SMTP_CIRCUIT_FAILURES": _int(env, "SMTP_CIRCUIT_FAILURES", 5, 1, 1000),
         "SMTP_CIRCUIT_SECONDS": _float(env, "SMTP_CIRCUIT_SECONDS", 60.0, 0.1, 86400.0),
+        "SMTP_TEST_RATE_LIMIT": _rate(env, "SMTP_TEST_RATE_LIMIT", "5 per minute"),
+        "RATELIMIT_STORAGE_URI": _limiter_storage(env),
+        "RATELIMIT_KEY_PREFIX": env.get("RATELIMIT_KEY_PREFIX", "").strip() or "smtp-service",
+        "SEND_RATE_LIMIT": _send_rate(env),
     }

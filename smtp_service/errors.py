@@ -28,6 +28,7 @@ from smtp_service.services.errors import (
     RecipientsSuppressed,
     SenderExists,
     SenderNotVerified,
+    SendRateLimited,
     SmtpPoolBusy,
     shown,
 )
@@ -47,6 +48,7 @@ STATUS: dict[type[DomainError], int] = {
     IdempotencyPending: 409,
     MessageTooLarge: 413,
     RecipientsSuppressed: 422,
+    SendRateLimited: 429,
     ConfirmationNotSent: 502,
     NoServerConfigured: 503,
     SmtpPoolBusy: 503,
@@ -102,7 +104,7 @@ def register_error_handlers(app: Flask) -> None:
         if status == 500:
             return _unexpected(exc)
         response = jsonify(error_body(exc))
-        if isinstance(exc, (SmtpPoolBusy, CircuitOpen)):  # RFC 9110 section 10.2.3
+        if isinstance(exc, (SmtpPoolBusy, CircuitOpen, SendRateLimited)):  # RFC 9110 section 10.2.3
             response.headers["Retry-After"] = str(exc.retry_after)
         return response, status
 
@@ -116,6 +118,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
+        if exc.response is not None:  # made by the app itself (flask-limiter's on_breach)
+            return exc.response
         status = exc.code or 500
         response = jsonify({"error": _HTTP_MESSAGES.get(status, exc.name)})
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from smtp_service import create_app
 from smtp_service.services.crypto import new_key
 from tests.smtpd import SmtpServer
 
-pytest_plugins = ["tests.log_guard", "tests.databases"]
+pytest_plugins = ["tests.log_guard", "tests.databases", "tests.redis_store"]
 
 JWT_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER = "mailer@example.com"
@@ -122,6 +122,9 @@ def app_config(tmp_path, global_server, database_url) -> dict[str, Any]:
         "SMTP_FROM": "noreply@example.com",
         "SMTP_TIMEOUT": "3",
         "PUBLIC_BASE_URL": "http://localhost",  # open tracking on (off without it)
+        # Many tests try connections with one account in one app: the default of 5 a minute
+        # is tested where limits are (tests/api/test_request_limits.py).
+        "SMTP_TEST_RATE_LIMIT": "10000/minute",
     }
 
 

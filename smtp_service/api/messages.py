@@ -45,6 +45,7 @@ _STATS = MessageStatsResponse()
         413: ErrorResponse,
         415: ErrorResponse,
         422: ErrorResponse,
+        429: ErrorResponse,
         502: SendFailedResponse,
         503: ErrorResponse,
     },

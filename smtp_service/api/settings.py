@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint
 from flask.views import MethodView
+from flask_limiter import RateLimitExceeded
 
 from smtp_service.api import answer, documented, json_body, services
+from smtp_service.api.request_limits import smtp_test_limit
 from smtp_service.auth import current_caller
 from smtp_service.schemas import (
     ConnectionTestResponse,
@@ -77,13 +79,19 @@ class SettingsResource(MethodView):
         400: (ConnectionTestResponse, ErrorResponse),  # the test failed, or the body did
         413: ErrorResponse,
         415: ErrorResponse,
+        429: ConnectionTestResponse,  # past SMTP_TEST_RATE_LIMIT for the account
         **_AUTH_ERRORS,
     },
 )
 def test_connection():
-    """POST /api/smtp/test."""
+    """POST /api/smtp/test; at most SMTP_TEST_RATE_LIMIT per account (429, Retry-After)."""
     caller = current_caller()
     endpoint = json_body(_SETTINGS_INPUT)
+    try:  # counted once the body is valid: a refused body never connects anywhere
+        with smtp_test_limit():
+            pass
+    except RateLimitExceeded as exc:
+        return exc.get_response()
     try:
         found = services().settings.test(endpoint, caller.account_id)
     except TransportError as exc:

@@ -8,6 +8,7 @@ from typing import Any
 from marshmallow import ValidationError, fields
 
 from smtp_service.services.hostnames import InvalidHost, normalise_host
+from smtp_service.services.send_rate import InvalidRate, parse_rates
 
 # What the OpenAPI document says a host looks like: one word without the characters of a URL.
 # A superset of what normalise_host accepts (an IDN, a trailing dot, IPv6 in brackets or not),
@@ -59,3 +60,17 @@ class HostName(NonEmptyString):
             return normalise_host(text)
         except InvalidHost as exc:
             raise ValidationError(str(exc)) from None
+
+
+class RateLimitText(NonEmptyString):
+    """An account's send rate limit (settings' rateLimit): rates in flask-limiter's syntax
+    ("500/day", "100/minute;2000/hour") or "unlimited" (no limit, whatever SEND_RATE_LIMIT
+    says); loaded as the trimmed text, checked by services.send_rate.parse_rates."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs).strip()
+        try:
+            parse_rates(text)
+        except InvalidRate as exc:
+            raise ValidationError(str(exc)) from None
+        return text

@@ -13,6 +13,7 @@ from smtp_service.schemas.fields import (
     HOST_PATTERN,
     HostName,
     NonEmptyString,
+    RateLimitText,
     StrictBoolean,
     StrictInteger,
 )
@@ -78,6 +79,19 @@ class SmtpSettingsInput(Schema):
             "SMTP_FAILOVER (false).",
         },
     )
+    rateLimit = RateLimitText(
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "example": "500/day",
+            "maxLength": 200,
+            "description": "Optional: the account's send rate limit, in place of the "
+            "service's SEND_RATE_LIMIT: one or more rates in flask-limiter's syntax "
+            "('500/day', '100/minute;2000/hour', '10 per 5 seconds'), counted in fixed "
+            "windows aligned on UTC; 'unlimited' for no limit; absent or null: the default. "
+            "Past it, send-email answers 429 with Retry-After.",
+        },
+    )
 
     @pre_load
     def _trim_host(self, data: Any, **_kwargs: Any) -> Any:
@@ -98,6 +112,7 @@ class SmtpSettingsInput(Schema):
             require_tls=data["requireTls"],
             max_connections=data["maxConnections"],
             failover=data["failover"],
+            rate_limit=data["rateLimit"],
         )
 
 

@@ -24,6 +24,10 @@ _FAILOVER = (
     "message through the global server instead (unset: SMTP_FAILOVER; GET /api/smtp/health "
     "shows the value in force)."
 )
+_RATE_LIMIT = (
+    "Present when the account set it: its send rate limit ('500/day', or 'unlimited'), in "
+    "place of the service's SEND_RATE_LIMIT."
+)
 
 
 class SmtpSettingsView(Schema):
@@ -38,6 +42,7 @@ class SmtpSettingsView(Schema):
     requireTls = fields.Boolean()
     maxConnections = fields.Integer(metadata={"description": _MAX_CONNECTIONS})
     failover = fields.Boolean(metadata={"description": _FAILOVER})
+    rateLimit = fields.String(metadata={"description": _RATE_LIMIT})
 
     @pre_dump
     def _from_settings(self, active: ActiveSettings, **_kwargs: Any) -> dict[str, Any]:
@@ -55,6 +60,8 @@ class SmtpSettingsView(Schema):
             view["maxConnections"] = e.max_connections
         if e is not None and not active.is_global and e.failover is not None:
             view["failover"] = e.failover
+        if e is not None and e.rate_limit is not None:
+            view["rateLimit"] = e.rate_limit
         return view
 
 
@@ -70,12 +77,15 @@ class SavedSettings(Schema):
         attribute="endpoint.max_connections", metadata={"description": _MAX_CONNECTIONS}
     )
     failover = fields.Boolean(attribute="endpoint.failover", metadata={"description": _FAILOVER})
+    rateLimit = fields.String(
+        attribute="endpoint.rate_limit", metadata={"description": _RATE_LIMIT}
+    )
     updatedAt = fields.String(attribute="updated_at")
     updatedBy = fields.String(attribute="updated_by", allow_none=True)
 
     @post_dump
     def _cap_only_when_set(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
-        for name in ("maxConnections", "failover"):
+        for name in ("maxConnections", "failover", "rateLimit"):
             if data.get(name) is None:
                 data.pop(name, None)
         return data

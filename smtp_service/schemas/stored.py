@@ -11,7 +11,13 @@ from typing import Any
 
 from marshmallow import Schema, fields, post_load, validate
 
-from smtp_service.schemas.fields import HostName, NonEmptyString, StrictBoolean, StrictInteger
+from smtp_service.schemas.fields import (
+    HostName,
+    NonEmptyString,
+    RateLimitText,
+    StrictBoolean,
+    StrictInteger,
+)
 
 IMPLICIT_TLS_PORT = 465
 
@@ -74,6 +80,7 @@ class StoredSmtpSettings(Schema):
         load_default=None, allow_none=True, validate=validate.Range(min=1, max=MAX_CONNECTIONS)
     )
     failover = StrictBoolean(load_default=None, allow_none=True)  # None: SMTP_FAILOVER
+    rateLimit = RateLimitText(load_default=None, allow_none=True)
     updatedAt = fields.String(load_default=None)
     updatedBy = fields.String(load_default=None, allow_none=True)
 

@@ -154,3 +154,16 @@ class CircuitOpen(DomainError):
             f"was sent. Retry after {retry_after} s"
         )
         self.retry_after = retry_after
+
+
+class SendRateLimited(DomainError):
+    """The account reached one of its send rate limits (SEND_RATE_LIMIT or its own rateLimit):
+    nothing was sent, and the window frees up in `retry_after` seconds."""
+
+    def __init__(self, retry_after: int, rate: str) -> None:
+        super().__init__(
+            f"Send rate limit reached for this account ({rate}); nothing was sent. "
+            f"Retry after {retry_after} s"
+        )
+        self.retry_after = retry_after
+        self.rate = rate

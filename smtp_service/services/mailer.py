@@ -38,6 +38,7 @@ from smtp_service.services.errors import (
     NoServerConfigured,
     RecipientsSuppressed,
     SenderNotVerified,
+    SmtpPoolBusy,
 )
 from smtp_service.services.health import (
     CUSTOM,
@@ -49,6 +50,7 @@ from smtp_service.services.health import (
     may_fail_over,
 )
 from smtp_service.services.pool import TransportPool
+from smtp_service.services.send_rate import Rate, Reservation, SendRateLimiter
 from smtp_service.services.senders import SenderService
 from smtp_service.services.session import Envelope, SendFailed
 from smtp_service.services.settings import SettingsService, StoredSettingsUnusable
@@ -77,6 +79,7 @@ class Route:
     allowed_senders: frozenset[str]
     pool_size: int | None = None  # connections kept for it; None: the pool's own size
     failover: bool = False  # "custom": a failure to connect sends through the global server
+    rates: tuple[Rate, ...] = ()  # the account's send rate limits (none: not counted)
 
     @property
     def server(self) -> str:
@@ -184,6 +187,7 @@ class Mailer:
         global_domains: frozenset[str] = frozenset(),
         breaker: CircuitBreaker | None = None,
         failover_from: str = "rewrite",
+        send_rates: SendRateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.senders = senders
@@ -216,6 +220,7 @@ class Mailer:
             self._global_mailbox = parse_mailbox(global_from, "from") if global_from else None
         except InvalidInput:
             self._global_mailbox = None
+        self.send_rates = send_rates  # None: no send is counted
 
     # -- choosing the server ---------------------------------------------------------------
 
@@ -235,10 +240,14 @@ class Mailer:
                 exc,
             )
             own = None
+        limiter = self.send_rates
         if own is not None:
             e = own.endpoint
             allowed = {e.user.lower()} if e.user and "@" in e.user else set()
-            return Route("custom", e, account_id, frozenset(allowed), failover=own.failover)
+            rates = limiter.rates_for(e.rate_limit) if limiter else ()
+            return Route(
+                "custom", e, account_id, frozenset(allowed), failover=own.failover, rates=rates
+            )
         target = self._global_route()
         if target is None:
             raise NoServerConfigured()
@@ -246,11 +255,13 @@ class Mailer:
 
     def _global_route(self) -> Route | None:
         """The global server's route (SMTP_FROM its own sender), None without one."""
+        limiter = self.send_rates
         g = self.settings.global_endpoint
         if g is None:
             return None
         allowed = {self.global_from.lower()} if self.global_from else set()
-        return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size)
+        rates = limiter.default if limiter else ()
+        return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size, rates)
 
     # -- the request -----------------------------------------------------------------------
 
@@ -263,10 +274,11 @@ class Mailer:
         "bounced" (the server refused it) or "failed" (no answer; `uncertain` when the content
         had gone out). Raises before anything is sent: InvalidInput (too many recipients, a bad
         address), RecipientsSuppressed, NoServerConfigured, SenderNotVerified, MessageTooLarge,
-        SmtpPoolBusy (no connection to the server became free in time; nothing is recorded),
-        CircuitOpen (the account's server is skipped after repeated failures and the account
-        does not fail over; nothing is recorded). The whole send, a failover included, ends
-        within `deadline_seconds` (SMTP_DEADLINE).
+        SendRateLimited (the account's send rate limit is reached: see _deliver for what
+        counts), SmtpPoolBusy (no connection to the server became free in time; nothing is
+        recorded), CircuitOpen (the account's server is skipped after repeated failures and the
+        account does not fail over; nothing is recorded). The whole send, a failover included,
+        ends within `deadline_seconds` (SMTP_DEADLINE).
 
         Failover (services.health for what counts): a certain transport failure of the
         account's own server, or its open circuit, sends the message through the global server
@@ -452,14 +464,27 @@ class Mailer:
         key: str | None,
         deadline: float | None = None,
         failover: bool = False,
+        reservation: Reservation | None = None,
     ) -> SendResult:
         """Send the draft through `route` and record the outcome. On the account's own server
         the circuit breaker decides first (closed, probe, or open: fail over or CircuitOpen);
         a certain transport failure there fails over when the account allows it. A failover
         (`failover` True) is the same message through the global server within the same
-        deadline: the whole send still ends within SMTP_DEADLINE."""
+        deadline: the whole send still ends within SMTP_DEADLINE.
+
+        With send rate limits (route.rates), a slot is taken in each of the account's windows
+        first (SendRateLimited when one is full; nothing is sent) and kept when the send
+        reached a server: the server took the message, refused it (a bounce), or may have it
+        (uncertain). It is given back when the send ended before that: the circuit was open
+        and the account does not fail over, the pool stayed busy, or the connection, TLS or
+        AUTH failed before the message content went out (and no failover took it). A failover
+        carries the first slot (`reservation`) and takes none of its own; a replay of an
+        Idempotency-Key never gets here, so it counts nothing.
+        """
         if deadline is None:
             deadline = time.monotonic() + self.deadline_seconds
+        if not failover:
+            reservation = self._reserve(account_id, route)
         breaker = self.breaker
         admission: Admission | None = None
         if route.name == CUSTOM and breaker is not None:
@@ -467,13 +492,16 @@ class Mailer:
             if not admission.use:
                 plan = self._failover_plan(route, draft)
                 if plan is None:
+                    self._release(reservation)
                     raise CircuitOpen(admission.retry_after)
                 log.info(
                     "account %s: circuit open for %s; sending through the global server",
                     account_id,
                     route.server,
                 )
-                return self._deliver(account_id, plan[0], plan[1], key, deadline, True)
+                return self._deliver(
+                    account_id, plan[0], plan[1], key, deadline, True, reservation
+                )
         envelope = draft.envelope
         started = time.perf_counter()
         record = {
@@ -509,7 +537,11 @@ class Mailer:
                         account_id,
                         exc.transport.kind,
                     )
-                    return self._deliver(account_id, plan[0], plan[1], key, deadline, True)
+                    return self._deliver(
+                        account_id, plan[0], plan[1], key, deadline, True, reservation
+                    )
+            if reservation is not None and exc.transport is not None and not exc.uncertain:
+                self._release(reservation)  # nothing reached a server: the slot is free again
             return self._failed(
                 account_id,
                 route,
@@ -519,6 +551,11 @@ class Mailer:
                 key,
                 failover,
             )
+        except SmtpPoolBusy:  # nothing was sent (any other error keeps the slot: the safe side)
+            if admission is not None and breaker is not None:
+                breaker.abandoned(account_id, admission)
+            self._release(reservation)
+            raise
         except BaseException:
             if admission is not None and breaker is not None:
                 breaker.abandoned(account_id, admission)  # no verdict: the next one probes
@@ -552,6 +589,18 @@ class Mailer:
 
         self._settle(account_id, result, key, write)
         return result
+
+    def _reserve(self, account_id: str, route: Route) -> Reservation | None:
+        """A slot in each of the route's send windows (None when it has no rates: nothing is
+        counted, and the database is not asked). Raises SendRateLimited."""
+        if not route.rates or self.send_rates is None:
+            return None
+        return self.send_rates.reserve(account_id, route.rates)
+
+    def _release(self, reservation: Reservation | None) -> None:
+        """Give a slot back (nothing when there was none)."""
+        if reservation is not None and self.send_rates is not None:
+            self.send_rates.release(reservation)
 
     def _settle(
         self, account_id: str, result: SendResult, key: str | None, write: Callable[[], None]

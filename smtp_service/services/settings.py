@@ -161,7 +161,8 @@ class SettingsService:
         """Check the host, encrypt the password and store the account's settings.
 
         `settings` is an SmtpEndpoint (what SmtpSettingsInput loads), or a mapping with its
-        fields (host, port, secure, user, password, requireTls, maxConnections optional) for
+        fields (host, port, secure, user, password, requireTls, maxConnections and rateLimit
+        optional; a mapping's rateLimit is not checked here, the schemas check it) for
         callers written before.
         Returns what was stored (updated now, by user_id). InvalidInput on "host" when the
         host is not one (a mapping's host is normalised here, as the schema does for an
@@ -199,6 +200,8 @@ class SettingsService:
             document["maxConnections"] = endpoint.max_connections
         if endpoint.failover is not None:  # absent: the deployment's SMTP_FAILOVER
             document["failover"] = endpoint.failover
+        if endpoint.rate_limit is not None:
+            document["rateLimit"] = endpoint.rate_limit
         self.files.write(account_id, SETTINGS_FILE, document)
         self._cache.discard(account_id)
         self.on_change(account_id)
@@ -327,6 +330,7 @@ def _endpoint(fields: Mapping[str, Any]) -> SmtpEndpoint:
         require_tls=fields["requireTls"],
         max_connections=fields.get("maxConnections"),
         failover=fields.get("failover"),
+        rate_limit=fields.get("rateLimit"),
     )
 
 

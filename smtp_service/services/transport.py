@@ -65,6 +65,9 @@ class SmtpEndpoint:
     # Settings' "failover": send through the global server when this one fails to connect;
     # None: the deployment's default (SMTP_FAILOVER). Not a property of the connection either.
     failover: bool | None = field(default=None, compare=False)
+    # The account's send rate limit (settings' rateLimit, services.send_rate's syntax; None:
+    # SEND_RATE_LIMIT). An account's policy carried with its settings, like max_connections.
+    rate_limit: str | None = field(default=None, compare=False)
 
 
 # Kinds of failure a later retry can get past as they are (the server or network may recover);

@@ -119,3 +119,14 @@ smtp_health = Table(
     Column("last_success_at", BigInteger),  # tests and probes; sends are read from `messages`
     Column("updated_at", BigInteger, nullable=False),
 )
+# Sends counted per account, window length ("60": per minute; the limit itself is not kept, so
+# a changed limit still counts the window's sends) and fixed window (its first second since the
+# epoch): storage/send_rate.py takes and gives back slots.
+send_rate = Table(
+    "send_rate",
+    metadata,
+    Column("account_id", Text, primary_key=True),
+    Column("rate", Text, primary_key=True),
+    Column("window_start", BigInteger, primary_key=True),
+    Column("used", Integer, nullable=False),
+)

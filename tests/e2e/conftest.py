@@ -205,6 +205,8 @@ def service_environment(
             "SMTP_FROM": "noreply@example.com",
             "SMTP_TIMEOUT": "5",
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+            # the default (5 a minute) is tested in tests/e2e/test_rate_limits.py
+            "SMTP_TEST_RATE_LIMIT": "10000/minute",
             "SSL_CERT_FILE": ca_file,
             "PYTHONUNBUFFERED": "1",
         }
