@@ -1,9 +1,13 @@
 """gunicorn settings for smtp-service (`gunicorn -c gunicorn.conf.py wsgi:app`)."""
 
+import glob
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from dotenv import load_dotenv
@@ -21,6 +25,27 @@ def _check_configuration() -> None:
         sys.exit(f"smtp-service: configuration error: {exc}")
 
 
+def _metrics_folder() -> tuple[str, bool]:
+    """A fresh folder for prometheus-client's multiprocess files (every worker writes its
+    values there; a scrape adds them up), set in PROMETHEUS_MULTIPROC_DIR before any worker
+    starts. Returns it and whether it is ours to remove at exit. An operator's folder is
+    emptied of the last run's files instead."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if folder and folder == os.environ.get("SMTP_SERVICE_METRICS_DIR"):
+        return folder, True  # this file read again (a reload): the workers' files stay
+    if folder:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, "*.db")):
+            os.remove(stale)
+        return folder, False
+    folder = tempfile.mkdtemp(prefix="smtp-service-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["SMTP_SERVICE_METRICS_DIR"] = folder
+    return folder, True
+
+
+# Before anything imports prometheus-client (the configuration check imports the package): it
+# chooses its multiprocess value store at import, and the workers inherit that choice.
+_metrics_dir, _own_metrics_dir = _metrics_folder()
 _check_configuration()
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
@@ -37,17 +62,34 @@ control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET", "").strip() or None
 control_socket_disable = control_socket is None
 if control_socket is None:
     del control_socket
-accesslog = "-"
-# The access log must never hold a token: log the request line without the query string.
-# pid=%(p)s names the worker that answered (tests use it to prove every worker was exercised).
+# The service logs one line per request itself (smtp_service.telemetry: method, path, status,
+# duration, account, request id, pid, as JSON or text per LOG_FORMAT), so gunicorn's access log
+# is off: it would write every request twice. GUNICORN_ACCESS_LOG=- turns it back on.
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "").strip() or None
+# If it is on, it must never hold a token: the request line without the query string.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss pid=%(p)s'
 
 _catcher = None
 
 
+def _gunicorn_logs_like_the_service(server) -> None:
+    """gunicorn's own messages (worker starts, timeouts) in the service's format (LOG_FORMAT)
+    and through the same filter that redacts secrets."""
+    from smtp_service.logs import RedactSecrets, chosen_format, json_formatter
+
+    log_format = chosen_format(os.environ.get("LOG_FORMAT", "").strip().lower() or "auto")
+    for name in ("gunicorn.error", "gunicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            if log_format == "json":
+                handler.setFormatter(json_formatter())
+            handler.addFilter(RedactSecrets())
+
+
 def on_starting(server):
-    """With no SMTP_HOST, start the development mail catcher and point the global server at it."""
+    """gunicorn's own log lines like the service's; with no SMTP_HOST, start the development
+    mail catcher and point the global server at it."""
     global _catcher
+    _gunicorn_logs_like_the_service(server)
     if os.environ.get("SMTP_HOST"):
         return
     port = os.environ.get("DEV_SMTP_PORT", "1025")
@@ -81,10 +123,20 @@ def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 15.0) 
 
 
 def on_exit(server):
-    """Stop the development mail catcher with the arbiter."""
+    """Stop the development mail catcher with the arbiter; remove the metrics folder we made."""
     if _catcher is not None:
         _catcher.terminate()
         _catcher.wait(timeout=10)
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """A worker is gone: its gauges stop counting (prometheus-client's live* modes); its
+    counters stay in the folder, so totals do not drop when a worker is replaced."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -13,15 +14,23 @@ from typing import Any
 
 from flask import Flask
 
+from smtp_service import metrics
 from smtp_service.config import ConfigError, load_config
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import TransportPool
+from smtp_service.services.readiness import Readiness
 from smtp_service.services.records import MessageRecords
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
-from smtp_service.services.transport import Secret, SmtpEndpoint, Timeouts, connect
+from smtp_service.services.transport import (
+    Secret,
+    SmtpEndpoint,
+    Timeouts,
+    check_connection,
+    connect,
+)
 from smtp_service.storage.database import Database, DatabaseError
 from smtp_service.storage.files import AccountFiles
 from smtp_service.storage.idempotency import IdempotencyStore
@@ -99,10 +108,13 @@ class Services:
         # The open-pixel signing key is derived from the encryption key, so it survives
         # restarts and is shared by every worker without another setting.
         tracking_secret = hashlib.sha256(b"smtp-service open pixel:" + keys[0].encode()).digest()
+        # The mailer sends through the pool measured (SMTP time and reply code per send, for
+        # the send log line and the metrics); the pool gauge reads the pool itself.
+        metrics.watch_pool(self.pool)
         self.mailer = Mailer(
             settings=self.settings,
             senders=self.senders,
-            pool=self.pool,
+            pool=metrics.MeasuredPool(self.pool),
             messages=self.messages,
             suppressions=self.suppressions,
             idempotency=self.idempotency,
@@ -115,6 +127,19 @@ class Services:
             transaction=self.database.write,
             global_domains=frozenset(config["GLOBAL_SENDER_DOMAINS"]),
         )
+        self.readiness = Readiness(
+            data_dir_writable=self.data_dir_writable,
+            database_ping=self.database.ping,
+            smtp_probe=None if self.global_endpoint is None else self._probe_global,
+            cache_seconds=config["READYZ_CACHE_SECONDS"],
+        )
+        self._probe_timeouts = Timeouts(
+            connect=config["READYZ_SMTP_TIMEOUT"],
+            command=config["READYZ_SMTP_TIMEOUT"],
+            final_reply=config["READYZ_SMTP_TIMEOUT"],
+            operation=2 * config["READYZ_SMTP_TIMEOUT"],
+        )
+        self._ehlo_name = config["SMTP_EHLO_NAME"]
         if config["PUBLIC_BASE_URL"] is None:
             logging.getLogger(__name__).warning(
                 "PUBLIC_BASE_URL is not set: open tracking is off (no pixel is added)"
@@ -126,6 +151,17 @@ class Services:
                 "GLOBAL_SENDER_VERIFICATION=confirm without a global server and SMTP_FROM: "
                 "new senders stay pending (`flask smtp senders confirm` confirms them)"
             )
+
+    def _probe_global(self) -> None:
+        """Connect to the global server, EHLO (STARTTLS when offered), QUIT; no AUTH: the
+        readiness probe must not spend (or lock out) the credentials. TransportError if not."""
+        assert self.global_endpoint is not None
+        check_connection(
+            dataclasses.replace(self.global_endpoint, user=None, password=None),
+            guard=self.guard,
+            timeouts=self._probe_timeouts,
+            ehlo_name=self._ehlo_name,
+        )
 
     def data_dir_writable(self) -> bool:
         """True when a file can be created in the data folder."""
@@ -191,6 +227,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging(app)
     register_extensions(app)
     register_error_handlers(app)
+    register_telemetry(app)
     register_blueprints(app)
     register_rate_limits(app)
     register_commands(app)
@@ -198,12 +235,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def configure_logging(app: Flask) -> None:
-    """Log to stderr (gunicorn collects it) at INFO unless configured otherwise."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=app.config.get("LOG_LEVEL", "INFO"),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    """Log to stderr (gunicorn collects it): LOG_LEVEL, LOG_FORMAT (JSON lines or text), every
+    record through the filter that redacts secrets (smtp_service.logs)."""
+    from smtp_service.logs import configure_logging as configure
+
+    configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
 
 
 def register_extensions(app: Flask) -> None:
@@ -223,12 +259,20 @@ def register_error_handlers(app: Flask) -> None:
     install(app)
 
 
+def register_telemetry(app: Flask) -> None:
+    """A request id, a log line and metrics for every request (smtp_service.telemetry)."""
+    from smtp_service import telemetry
+
+    telemetry.init_app(app)
+
+
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP routes."""
-    from smtp_service.api import health, messages, openapi, senders, settings, tracking
+    from smtp_service.api import health, messages, openapi, operations, senders, settings, tracking
 
     for module in (health, openapi, settings, messages, senders, tracking):
         app.register_blueprint(module.bp)
+    operations.register(app)
 
 
 def register_rate_limits(app: Flask) -> None:
