@@ -87,6 +87,7 @@ def register(app: Flask) -> None:
                 # Swagger UI would otherwise send the document to validator.swagger.io
                 "validatorUrl": None,
                 "layout": "BaseLayout",
+                "oauth2RedirectUrl": f"{DOCS_URL}/oauth2-redirect.html",
             },
             blueprint_name="api_docs",
         )
