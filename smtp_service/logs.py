@@ -26,7 +26,7 @@ _SECRET_TEXT = re.compile(
     r"(?P<bearer>\b[Bb]earer\s+)[A-Za-z0-9._~+/=-]+"
     r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"
     r"|(?P<pair>[\"']?\b(?i:" + _SECRET_NAMES + r")[\"']?\s*[:=]\s*[\"']?)"
-    r"(?!\[redacted\])[^\s\"',;&}]+"
+    r"(?!\[redacted\])(?:[Bb]earer\s+)?[^\s\"',;&}]+"
 )
 # Record attributes (`extra`) whose name says they hold a secret are replaced whatever they hold.
 _SECRET_KEY = re.compile(r"(?i)^(?:.*_)?" + _SECRET_NAMES + r"(?:_.*)?$")
@@ -78,7 +78,10 @@ class RedactSecrets(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
+            # Formatters write exc_text when exc_info is gone (logging's and python-json-
+            # logger's alike); left in place, exc_info would be formatted again, unredacted.
             record.exc_text = redact(record.exc_text)
+            record.exc_info = None
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         for key, value in list(vars(record).items()):
