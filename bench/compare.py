@@ -193,7 +193,12 @@ class Server:
 
 
 def start_server(
-    made: Checkout, sink: Sink, workers: int, threads: int, workdir: str
+    made: Checkout,
+    sink: Sink,
+    workers: int,
+    threads: int,
+    workdir: str,
+    log_level: str = "WARNING",
 ) -> Server:
     """Start gunicorn in the checkout with its own data folder; return it once it answers."""
     port = st.free_port()
@@ -214,7 +219,7 @@ def start_server(
         "SMTP_ENCRYPTION_KEYS": st.new_key(),
         "WEB_CONCURRENCY": str(workers),
         "GUNICORN_THREADS": str(threads),
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": log_level,
     }
     env.pop("GUNICORN_CMD_ARGS", None)
     log_path = os.path.join(workdir, f"gunicorn-{made.side}.log")
@@ -402,6 +407,11 @@ def main() -> None:
         "--round-timeout", type=float, default=120, help="seconds; a longer round aborts the run"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="LOG_LEVEL of both sides (INFO: the request and send lines are written too)",
+    )
     args = parser.parse_args()
     if min(args.requests, args.concurrency, args.rounds) < 1:
         parser.error("--requests, --concurrency and --rounds must be at least 1")
@@ -419,7 +429,8 @@ def main() -> None:
         made = [checkout("base", args.base, workdir), checkout("head", args.head, workdir)]
         sink = Sink(args.sink, workdir)
         servers = [
-            start_server(m, sink, args.workers, args.threads, workdir) for m in made
+            start_server(m, sink, args.workers, args.threads, workdir, args.log_level)
+            for m in made
         ]
         for server in servers:  # imports, first connections, pools; not in the figures
             if args.warmup:
