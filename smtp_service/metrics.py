@@ -95,11 +95,12 @@ def multiprocess_dir() -> str | None:
 def count_request(method: str, route: str | None, status: int) -> None:
     """Count one answered request. `route` is the URL rule that matched (None: none did);
     a method outside KNOWN_METHODS is counted as "other"."""
+    if method not in KNOWN_METHODS:  # before the cache: made-up methods must not grow it
+        method = "other"
     key = (method, route or UNMATCHED, status)
     child = _requests.get(key)
     if child is None:
-        label = method if method in KNOWN_METHODS else "other"
-        child = _requests[key] = REQUESTS.labels(label, key[1], str(status))
+        child = _requests[key] = REQUESTS.labels(method, key[1], str(status))
     child.inc()
     if status == 429:
         limited = _rate_limited.get(key[1])

@@ -226,6 +226,14 @@ def test_requests_are_counted_by_method_rule_and_status(client, tokens):
     assert not any("some-id-1" in n or "acct-ops" in n for n in names)
 
 
+def test_made_up_methods_do_not_grow_the_label_cache(client):
+    client.open("/healthz", method="BREW0")
+    size = len(metrics._requests)
+    for i in range(1, 50):
+        client.open("/healthz", method=f"BREW{i}")
+    assert len(metrics._requests) == size
+
+
 def test_rate_limit_refusals_are_counted_by_rule(app_config):
     app = create_app({**app_config, "TRACKING_RATE_LIMIT": "2 per minute"})
     client = app.test_client()
