@@ -11,7 +11,6 @@ only: no account id, no path with an id in it (the URL rule instead), no free te
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
 import threading
@@ -114,11 +113,22 @@ def count_send(
 ) -> None:
     """Count one send that reached an SMTP server: its outcome, its SMTP time in seconds
     (None: not measured), and each refused recipient as (type, category)."""
-    SENDS.labels(transport, outcome).inc()
+    key = (transport, outcome)
+    sends = _sends.get(key)
+    if sends is None:
+        sends = _sends[key] = SENDS.labels(transport, outcome)
+    sends.inc()
     if seconds is not None:
-        SMTP_LATENCY.labels(transport).observe(seconds)
+        latency = _latency.get(transport)
+        if latency is None:
+            latency = _latency[transport] = SMTP_LATENCY.labels(transport)
+        latency.observe(seconds)
     for kind, category in refusals:
         BOUNCES.labels(kind, category or "unknown").inc()
+
+
+_sends: dict[tuple[str, str], Any] = {}
+_latency: dict[str, Any] = {}
 
 
 # -- the pool gauge ---------------------------------------------------------------------------
@@ -240,17 +250,21 @@ _attempts: contextvars.ContextVar[list[tuple[float, int | None]] | None] = conte
 )
 
 
-@contextlib.contextmanager
-def noting_smtp() -> Iterator[list[tuple[float, int | None]]]:
+class noting_smtp:  # noqa: N801 - used as a function: `with noting_smtp() as attempts:`
     """Collect, while the block runs on this thread, every SMTP send made through a
     MeasuredPool as (seconds, reply code or None). An empty list afterwards means no SMTP
-    server was reached (for example an idempotent replay)."""
-    attempts: list[tuple[float, int | None]] = []
-    token = _attempts.set(attempts)
-    try:
-        yield attempts
-    finally:
-        _attempts.reset(token)
+    server was reached (for example an idempotent replay). A class, not a generator-based
+    context manager: it runs on every send."""
+
+    __slots__ = ("attempts", "_token")
+
+    def __enter__(self) -> list[tuple[float, int | None]]:
+        self.attempts: list[tuple[float, int | None]] = []
+        self._token = _attempts.set(self.attempts)
+        return self.attempts
+
+    def __exit__(self, *_exc: object) -> None:
+        _attempts.reset(self._token)
 
 
 class MeasuredPool:

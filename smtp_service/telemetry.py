@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,7 +35,7 @@ def request_id_from(header: str | None) -> str:
     """The caller's request id when it is safe to log and echo, else a new random one."""
     if header is not None and _REQUEST_ID.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def current_request_id() -> str | None:
