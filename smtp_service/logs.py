@@ -104,9 +104,26 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, then the record's own fields (`extra`) as key=value, so that the request
+    and send lines show their duration, account and request id in a terminal too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = [
+            f"{key}={value}"
+            for key, value in vars(record).items()
+            if key not in _STANDARD and not key.startswith("_") and value is not None
+        ]
+        if not fields:
+            return text
+        head, newline, rest = text.partition("\n")  # after the message, before a traceback
+        return f"{head} {' '.join(fields)}{newline}{rest}"
+
+
 def text_formatter() -> logging.Formatter:
     """The human-readable line `make run` shows in a terminal."""
-    return logging.Formatter(TEXT_FORMAT)
+    return TextFormatter(TEXT_FORMAT)
 
 
 def chosen_format(setting: str, stream: Any = None) -> str:

@@ -116,6 +116,8 @@ def test_json_line_fields():
 def test_text_line():
     out = _written(_record("hello %s", "world"), "text")
     assert out.rstrip("\n").endswith("WARNING t: hello world")
+    out = _written(_record("GET /x 200", status=200, request_id="r-2", account=None), "text")
+    assert out.rstrip("\n").endswith("WARNING t: GET /x 200 status=200 request_id=r-2")
 
 
 class _Tty(io.StringIO):
