@@ -199,6 +199,7 @@ def start_server(
     threads: int,
     workdir: str,
     log_level: str = "WARNING",
+    access_log_as_configured: bool = False,
 ) -> Server:
     """Start gunicorn in the checkout with its own data folder; return it once it answers."""
     port = st.free_port()
@@ -230,8 +231,7 @@ def start_server(
                 "-c",
                 "gunicorn.conf.py",
                 "--no-control-socket",
-                "--access-logfile",
-                "/dev/null",
+                *([] if access_log_as_configured else ["--access-logfile", "/dev/null"]),
                 "wsgi:app",
             ],
             cwd=made.path,
@@ -412,6 +412,12 @@ def main() -> None:
         default="WARNING",
         help="LOG_LEVEL of both sides (INFO: the request and send lines are written too)",
     )
+    parser.add_argument(
+        "--access-log-as-configured",
+        action="store_true",
+        help="each side's gunicorn access log as its gunicorn.conf.py says (to the log file), "
+        "instead of both to /dev/null",
+    )
     args = parser.parse_args()
     if min(args.requests, args.concurrency, args.rounds) < 1:
         parser.error("--requests, --concurrency and --rounds must be at least 1")
@@ -429,7 +435,10 @@ def main() -> None:
         made = [checkout("base", args.base, workdir), checkout("head", args.head, workdir)]
         sink = Sink(args.sink, workdir)
         servers = [
-            start_server(m, sink, args.workers, args.threads, workdir, args.log_level)
+            start_server(
+                m, sink, args.workers, args.threads, workdir, args.log_level,
+                args.access_log_as_configured,
+            )
             for m in made
         ]
         for server in servers:  # imports, first connections, pools; not in the figures
