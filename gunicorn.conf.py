@@ -46,7 +46,12 @@ def _metrics_folder() -> tuple[str, bool]:
 # Before anything imports prometheus-client (the configuration check imports the package): it
 # chooses its multiprocess value store at import, and the workers inherit that choice.
 _metrics_dir, _own_metrics_dir = _metrics_folder()
-_check_configuration()
+try:
+    _check_configuration()
+except SystemExit:  # no worker will start, and on_exit will not run: the folder goes now
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+    raise
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
