@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 NEWMAN := node_modules/.bin/newman
 
-.PHONY: run test lint postman bench bench-deps soak clean
+.PHONY: run test lint postman bench bench-deps browser-deps soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ postman: $(NEWMAN)
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(DEV_STAMP) $(NEWMAN)
+test: $(DEV_STAMP) $(NEWMAN) browser-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
@@ -59,6 +59,16 @@ bench-deps:
 	DEBIAN_FRONTEND=noninteractive apt-get install -y postfix
 	systemctl disable --now postfix >/dev/null 2>&1 || true
 	if postfix status >/dev/null 2>&1; then postfix stop; fi
+
+# Debian's chromium for the end-to-end test of the documentation page (tests/e2e/test_docs_page.py).
+# Installed only where it is missing and apt-get can be used (root); elsewhere that test skips
+# with a one-line reason, and `make test` goes on.
+browser-deps:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		|| echo "browser-deps: chromium could not be installed; the docs page test will skip"; \
+	else echo "browser-deps: /usr/bin/chromium is missing and apt-get needs root; the docs page test will skip"; fi
 
 soak: $(DEV_STAMP)
 	$(PY) bench/soak.py

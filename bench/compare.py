@@ -195,7 +195,13 @@ class Server:
 
 
 def start_server(
-    made: Checkout, sink: Sink, workers: int, threads: int, workdir: str
+    made: Checkout,
+    sink: Sink,
+    workers: int,
+    threads: int,
+    workdir: str,
+    log_level: str = "WARNING",
+    access_log_as_configured: bool = False,
 ) -> Server:
     """Start gunicorn in the checkout with its own data folder; return it once it answers."""
     port = st.free_port()
@@ -216,7 +222,7 @@ def start_server(
         "SMTP_ENCRYPTION_KEYS": st.new_key(),
         "WEB_CONCURRENCY": str(workers),
         "GUNICORN_THREADS": str(threads),
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": log_level,
     }
     env.pop("GUNICORN_CMD_ARGS", None)
     log_path = os.path.join(workdir, f"gunicorn-{made.side}.log")
@@ -227,8 +233,7 @@ def start_server(
                 "-c",
                 "gunicorn.conf.py",
                 "--no-control-socket",
-                "--access-logfile",
-                "/dev/null",
+                *([] if access_log_as_configured else ["--access-logfile", "/dev/null"]),
                 "wsgi:app",
             ],
             cwd=made.path,
@@ -424,6 +429,17 @@ def main() -> None:
         default="global",
         help="custom: the account saves settings for the sink, and sends through them",
     )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="LOG_LEVEL of both sides (INFO: the request and send lines are written too)",
+    )
+    parser.add_argument(
+        "--access-log-as-configured",
+        action="store_true",
+        help="each side's gunicorn access log as its gunicorn.conf.py says (to the log file), "
+        "instead of both to /dev/null",
+    )
     args = parser.parse_args()
     if min(args.requests, args.concurrency, args.rounds) < 1:
         parser.error("--requests, --concurrency and --rounds must be at least 1")
@@ -441,7 +457,11 @@ def main() -> None:
         made = [checkout("base", args.base, workdir), checkout("head", args.head, workdir)]
         sink = Sink(args.sink, workdir)
         servers = [
-            start_server(m, sink, args.workers, args.threads, workdir) for m in made
+            start_server(
+                m, sink, args.workers, args.threads, workdir, args.log_level,
+                args.access_log_as_configured,
+            )
+            for m in made
         ]
         if args.route == "custom":
             for server in servers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -13,6 +14,7 @@ from typing import Any
 
 from flask import Flask
 
+from smtp_service import metrics
 from smtp_service.config import ConfigError, load_config
 from smtp_service.services.analytics import MessageAnalytics
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
@@ -21,11 +23,18 @@ from smtp_service.services.health import CircuitBreaker
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.pool import TransportPool
+from smtp_service.services.readiness import Readiness
 from smtp_service.services.records import MessageRecords
 from smtp_service.services.send_rate import SendRateLimiter, parse_rates
 from smtp_service.services.senders import SenderService
 from smtp_service.services.settings import SettingsService
-from smtp_service.services.transport import Secret, SmtpEndpoint, Timeouts, connect
+from smtp_service.services.transport import (
+    Secret,
+    SmtpEndpoint,
+    Timeouts,
+    check_connection,
+    connect,
+)
 from smtp_service.storage.database import Database, DatabaseError
 from smtp_service.storage.files import AccountFiles
 from smtp_service.storage.health import HealthStore
@@ -134,10 +143,14 @@ class Services:
         # The open-pixel signing key is derived from the encryption key, so it survives
         # restarts and is shared by every worker without another setting.
         tracking_secret = hashlib.sha256(b"smtp-service open pixel:" + keys[0].encode()).digest()
+        # The mailer sends through the pool measured (SMTP time and reply code per send, for
+        # the send log line and the metrics); the pool gauge reads the pool itself.
+        metrics.watch_pool(self.pool)
+        metrics.set_circuit_source(self.breaker.open_counts)
         self.mailer = Mailer(
             settings=self.settings,
             senders=self.senders,
-            pool=self.pool,
+            pool=metrics.MeasuredPool(self.pool),
             messages=self.messages,
             suppressions=self.suppressions,
             idempotency=self.idempotency,
@@ -153,6 +166,19 @@ class Services:
             failover_from=config["SMTP_FAILOVER_FROM"],
             send_rates=self.send_rates,
         )
+        self.readiness = Readiness(
+            data_dir_writable=self.data_dir_writable,
+            database_ping=self.database.ping,
+            smtp_probe=None if self.global_endpoint is None else self._probe_global,
+            cache_seconds=config["READYZ_CACHE_SECONDS"],
+        )
+        self._probe_timeouts = Timeouts(
+            connect=config["READYZ_SMTP_TIMEOUT"],
+            command=config["READYZ_SMTP_TIMEOUT"],
+            final_reply=config["READYZ_SMTP_TIMEOUT"],
+            operation=2 * config["READYZ_SMTP_TIMEOUT"],
+        )
+        self._ehlo_name = config["SMTP_EHLO_NAME"]
         if config["PUBLIC_BASE_URL"] is None:
             logging.getLogger(__name__).warning(
                 "PUBLIC_BASE_URL is not set: open tracking is off (no pixel is added)"
@@ -175,6 +201,17 @@ class Services:
             logging.getLogger(__name__).error(
                 "account %s: SMTP health record not cleared (%s)", account_id, type(exc).__name__
             )
+
+    def _probe_global(self) -> None:
+        """Connect to the global server, EHLO (STARTTLS when offered), QUIT; no AUTH: the
+        readiness probe must not spend (or lock out) the credentials. TransportError if not."""
+        assert self.global_endpoint is not None
+        check_connection(
+            dataclasses.replace(self.global_endpoint, user=None, password=None),
+            guard=self.guard,
+            timeouts=self._probe_timeouts,
+            ehlo_name=self._ehlo_name,
+        )
 
     def data_dir_writable(self) -> bool:
         """True when a file can be created in the data folder."""
@@ -240,6 +277,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging(app)
     register_extensions(app)
     register_error_handlers(app)
+    register_telemetry(app)
     register_blueprints(app)
     register_rate_limits(app)
     register_commands(app)
@@ -247,12 +285,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def configure_logging(app: Flask) -> None:
-    """Log to stderr (gunicorn collects it) at INFO unless configured otherwise."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=app.config.get("LOG_LEVEL", "INFO"),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    """Log to stderr (gunicorn collects it): LOG_LEVEL, LOG_FORMAT (JSON lines or text), every
+    record through the filter that redacts secrets (smtp_service.logs)."""
+    from smtp_service.logs import configure_logging as configure
+
+    configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
 
 
 def register_extensions(app: Flask) -> None:
@@ -272,12 +309,29 @@ def register_error_handlers(app: Flask) -> None:
     install(app)
 
 
+def register_telemetry(app: Flask) -> None:
+    """A request id, a log line and metrics for every request (smtp_service.telemetry)."""
+    from smtp_service import telemetry
+
+    telemetry.init_app(app)
+
+
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP routes."""
-    from smtp_service.api import dev, health, messages, openapi, senders, settings, tracking
+    from smtp_service.api import (
+        dev,
+        health,
+        messages,
+        openapi,
+        operations,
+        senders,
+        settings,
+        tracking,
+    )
 
     for module in (health, openapi, settings, messages, senders, tracking):
         app.register_blueprint(module.bp)
+    operations.register(app)
     if app.config.get("DEV_MAIL_CATCHER") is not None:  # only while make run's catcher runs
         app.register_blueprint(dev.bp)
 

@@ -187,6 +187,17 @@ def _log_level(env: Mapping[str, str]) -> str:
     return level
 
 
+def _cidrs(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated networks ("10.0.0.0/8, 192.168.1.7"), each checked and normalised."""
+    networks = []
+    for item in _list(env, name):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name} has an invalid network {item!r}") from None
+    return tuple(networks)
+
+
 def _base_url(env: Mapping[str, str]) -> str | None:
     """The URL mail readers reach the service at; None (open tracking off) when unset: a pixel
     pointing at the listen address would reach no reader."""
@@ -360,6 +371,10 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SMTP_ENCRYPTION_KEYS": _list(env, "SMTP_ENCRYPTION_KEYS"),
         "MAX_CONTENT_LENGTH": max_request,
         "LOG_LEVEL": _log_level(env),
+        "LOG_FORMAT": _choice(env, "LOG_FORMAT", ("auto", "json", "text")),
+        "METRICS_ALLOW_CIDRS": _cidrs(env, "METRICS_ALLOW_CIDRS"),
+        "READYZ_SMTP_TIMEOUT": _float(env, "READYZ_SMTP_TIMEOUT", 2.0, 0.1, 60.0),
+        "READYZ_CACHE_SECONDS": _float(env, "READYZ_CACHE_SECONDS", 5.0, 0.0, 3600.0),
         "MAX_MESSAGE_BYTES": _int(env, "MAX_MESSAGE_BYTES", 10 * 1024 * 1024, 1024, 1024**3),
         "MAX_RECIPIENTS": _int(env, "MAX_RECIPIENTS", 50, 1, 10000),
         "PUBLIC_BASE_URL": _base_url(env),

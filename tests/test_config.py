@@ -74,8 +74,11 @@ def _clean_env(**values: str) -> dict[str, str]:
 
 
 def test_gunicorn_refuses_to_start_with_one_line_and_no_traceback(tmp_path):
+    temp = tmp_path / "tmp"  # where gunicorn.conf.py makes its metrics folder
+    temp.mkdir()
     env = _clean_env(JWT_SECRET_KEY="k" * 40, SMTP_TIMEOUT="abc", DATA_DIR=str(tmp_path),
-                     SMTP_HOST="localhost", BIND="127.0.0.1:0")
+                     SMTP_HOST="localhost", BIND="127.0.0.1:0", TMPDIR=str(temp))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     gunicorn = REPO / ".venv" / "bin" / "gunicorn"
     result = subprocess.run(
         [str(gunicorn), "-c", "gunicorn.conf.py", "--no-control-socket", "wsgi:app"],
@@ -86,6 +89,7 @@ def test_gunicorn_refuses_to_start_with_one_line_and_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "smtp-service: configuration error: SMTP_TIMEOUT must be a number of seconds, not 'abc'"
     )
+    assert list(temp.iterdir()) == []  # the metrics folder made for the workers is gone too
 
 
 def test_flask_cli_refuses_with_one_line(tmp_path):

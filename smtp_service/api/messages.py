@@ -7,6 +7,7 @@ from flask import Blueprint, request
 from smtp_service.api import answer, documented, json_body, query_args, services
 from smtp_service.auth import current_caller
 from smtp_service.errors import ApiError
+from smtp_service.metrics import noting_smtp
 from smtp_service.schemas import (
     ErrorResponse,
     MessageList,
@@ -18,6 +19,7 @@ from smtp_service.schemas import (
     SendEmailResponse,
     SendFailedResponse,
 )
+from smtp_service.telemetry import record_send
 
 bp = Blueprint("messages", __name__, url_prefix="/api/messages")
 
@@ -58,7 +60,9 @@ def send_email():
     if key is not None and not (0 < len(key) <= _MAX_KEY_LENGTH and key.isprintable()):
         raise ApiError("Idempotency-Key must be 1-255 printable characters", 400)
     send_request = json_body(_SEND_INPUT)
-    result = services().mailer.send(caller.account_id, send_request, key)
+    with noting_smtp() as attempts:
+        result = services().mailer.send(caller.account_id, send_request, key)
+    record_send(caller.account_id, result, attempts)
     if result.sent:
         return answer(_SENT, result)
     return answer(_NOT_SENT, result, 502)

@@ -197,6 +197,23 @@ class HealthResponse(Schema):
     error = fields.String()
 
 
+class ReadyResponse(Schema):
+    """GET /readyz: each check "ok" (or "not configured" for the global server) or why not."""
+
+    status = fields.String(
+        required=True, metadata={"description": '"ready", or "not ready" (then 503)'}
+    )
+    checks = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        required=True,
+        metadata={"description": "dataDir, database, smtp: ok, not configured, or why not"},
+    )
+    failing = fields.List(
+        fields.String(), required=True, metadata={"description": "the checks that failed"}
+    )
+
+
 # -- sending ------------------------------------------------------------------------------------
 
 

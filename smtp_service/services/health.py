@@ -255,6 +255,11 @@ class CircuitBreaker:
         metrics exporter; accounts not listed are closed."""
         return self.store.circuits()
 
+    def open_counts(self) -> list[tuple[str, int]]:
+        """(transport, circuits open now) for the smtp_circuit_open gauge; only accounts' own
+        servers ("custom") have a breaker."""
+        return [("custom", sum(1 for c in self.circuits() if c[2] == "open"))]
+
 
 def _iso(ms: int | None) -> str | None:
     return None if ms is None else iso_ms(ms)

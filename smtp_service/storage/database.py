@@ -231,6 +231,18 @@ class Database:
             self._statements[key] = found  # the statement is kept, so its id is not reused
         return found[1:]
 
+    def ping(self) -> None:
+        """SELECT 1 on a pooled connection (PostgreSQL's are checked before use, so a server
+        that went away costs one reconnection attempt). Raises the driver's error when the
+        database cannot be reached; the text of it may hold the URL, so callers name its type."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+        finally:
+            raw.close()
+
     def dispose(self) -> None:
         """Close every pooled connection; the next use opens new ones."""
         self.engine.dispose()

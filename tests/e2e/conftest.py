@@ -43,7 +43,8 @@ _KNOWN_VARIABLES = (
     "MAX_MESSAGE_BYTES MAX_RECIPIENTS PUBLIC_BASE_URL SMTP_POOL_SIZE SMTP_POOL_MAX_MESSAGES "
     "SMTP_POOL_IDLE_SECONDS SMTP_POOL_MAX_LIFETIME_SECONDS SMTP_POOL_MAX_ACCOUNTS "
     "WEB_CONCURRENCY GUNICORN_THREADS DEV_SMTP_PORT LOG_LEVEL DATABASE_URL DATABASE_POOL_SIZE "
-    "GUNICORN_CONTROL_SOCKET DEV_MAIL_CATCHER"
+    "GUNICORN_CONTROL_SOCKET DEV_MAIL_CATCHER LOG_FORMAT GUNICORN_ACCESS_LOG METRICS_ALLOW_CIDRS "
+    "READYZ_SMTP_TIMEOUT READYZ_CACHE_SECONDS"
 ).split()
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
 
@@ -148,12 +149,53 @@ class LiveService:
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def assert_log_clean(self) -> None:
-        """No secret and no traceback in everything gunicorn and the app wrote."""
+    def log_lines(self, since: int = 0) -> list[dict[str, Any]]:
+        """The JSON log lines written after character `since` of the output (LOG_FORMAT is
+        auto and the output a file: JSON), each parsed; other lines are left out."""
+        lines = []
+        for line in self.log_text()[since:].splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    pass
+        return lines
+
+    def request_lines(self, since: int = 0) -> list[dict[str, Any]]:
+        """The service's request lines (smtp_service.requests) after `since`."""
+        return [x for x in self.log_lines(since) if x.get("logger") == "smtp_service.requests"]
+
+    def worker_pids(self, method: str, path: str, since: int = 0) -> set[int]:
+        """The workers (pids) that answered `method path` after `since`."""
+        return {
+            x["pid"]
+            for x in self.request_lines(since)
+            if x.get("method") == method and x.get("path") == path
+        }
+
+    def assert_no_secrets(self) -> None:
+        """No password, key, token issued by this test, nor anything shaped like a bearer
+        token or a JWT, in everything gunicorn and the app wrote."""
         log = self.log_text()
         for secret in self.secrets:
             assert secret not in log, "a secret appears in gunicorn's output"
+            if secret.count(".") == 2:  # a token: its signature alone is enough to leak it
+                assert secret.rsplit(".", 1)[1] not in log, "a token signature in the output"
+        found = _LEAK_SHAPES.search(log)
+        assert found is None, f"something shaped like a credential in the output: {found[0][:12]}"
+
+    def assert_log_clean(self) -> None:
+        """No secret and no traceback in everything gunicorn and the app wrote."""
+        self.assert_no_secrets()
+        log = self.log_text()
         assert "Traceback" not in log, f"gunicorn's output has a traceback:\n{log[-4000:]}"
+
+
+# A bearer credential or a JWT (a JSON header "eyJ", then two more base64url parts).
+_LEAK_SHAPES = re.compile(
+    r"[Bb]earer\s+(?!\[redacted\])[A-Za-z0-9._~+/=-]{8,}"
+    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+)
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -181,6 +223,10 @@ def service_environment(
     """The child's environment: inherited basics, and every service variable set explicitly."""
     env = dict(os.environ)
     env.pop("GUNICORN_CMD_ARGS", None)  # a developer's extra gunicorn flags stay out
+    # gunicorn.conf.py makes a fresh metrics folder per start; a name (even an empty one) in
+    # the environment would be taken as the operator's.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("SMTP_SERVICE_METRICS_DIR", None)
     names = set(_KNOWN_VARIABLES)
     names |= _dotenv_names(REPO_ROOT / ".env") | _dotenv_names(REPO_ROOT / ".env.example")
     env.update(dict.fromkeys(names, ""))
@@ -347,6 +393,7 @@ def live_service(
         yield live
     finally:
         live.stop()
+    live.assert_no_secrets()  # after the whole test: every line gunicorn and the app wrote
 
 
 __all__ = [

@@ -5,7 +5,6 @@ gave 25 x 502; each must be delivered, once."""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,6 @@ from tests.smtpd_faults import FaultyServer
 pytestmark = pytest.mark.e2e
 
 ACCOUNT = "acct-limited"
-_SEND_LINE = re.compile(r'"POST /api/messages/send-email" (\d{3}) .* pid=<?(\d+)>?')
 
 
 @pytest.fixture
@@ -62,7 +60,7 @@ def test_forty_sends_on_eight_threads_to_a_server_that_takes_two(
         assert sorted(subjects) == sorted(f"limited-{i}" for i in range(40))
         assert set(subjects.values()) == {1}  # each once
         assert limited.turned_away > 0, "the server never refused: the test proved nothing"
-        workers = {m.group(2) for m in _SEND_LINE.finditer(live.log_text()[mark:])}
+        workers = live.worker_pids("POST", "/api/messages/send-email", mark)
         assert len(workers) == 2, "both workers must have sent"
         live.assert_log_clean()
     finally:

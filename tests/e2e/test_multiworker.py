@@ -10,7 +10,6 @@ from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.e2e.conftest import LiveService
 
 ACCOUNT = "acct-multi"
-_SEND_LINE = re.compile(r'"POST /api/messages/send-email" (\d{3}) .* pid=<?(\d+)>?')
 
 
 def _settings(server) -> dict:
@@ -34,9 +33,9 @@ def _burst(live: LiveService, token: str, count: int, tag: str) -> list[dict]:
         return list(pool.map(one, range(count)))
 
 
-def _send_pids(live: LiveService, since: int) -> set[str]:
-    """Worker pids that answered send-email in the access log after byte offset `since`."""
-    return {m.group(2) for m in _SEND_LINE.finditer(live.log_text()[since:])}
+def _send_pids(live: LiveService, since: int) -> set[int]:
+    """Worker pids that answered send-email (the request lines) after offset `since`."""
+    return live.worker_pids("POST", "/api/messages/send-email", since)
 
 
 def _subjects(server) -> list[str]:

@@ -250,4 +250,4 @@ def _with_idna(addresses: set[str]) -> set[str]:
 def test_fuzzed_document_is_the_apps_own(client):
     """The document the cases were generated from is what the test app serves."""
     assert client.get("/api/openapi.json").json == schema.raw_schema
-    assert len(list(schema.get_all_operations())) == 17  # 17 with issue 12's routes
+    assert len(list(schema.get_all_operations())) == 18  # 14 + issue 12's four routes

@@ -378,13 +378,40 @@ def _gunicorn_setting(name: str) -> Any:
     raise AssertionError(f"{name} is not set in gunicorn.conf.py")
 
 
+def _gunicorn_conf(tmp_path: Path, **env: str) -> dict[str, Any]:
+    """gunicorn.conf.py's settings as gunicorn reads them (the file run in a child with `env`)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, runpy, shutil; ns = runpy.run_path('gunicorn.conf.py'); "
+        "shutil.rmtree(ns['_metrics_dir']) if ns['_own_metrics_dir'] else None; "
+        "print(json.dumps({k: ns[k] for k in ('accesslog', 'access_log_format')}))"
+    )
+    child_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS")},
+        "JWT_SECRET_KEY": JWT_SECRET,
+        "DATA_DIR": str(tmp_path / "data"),
+        **env,
+    }
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=child_env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_gunicorn_access_log_is_off_unless_asked_for(tmp_path):
+    """The service writes one line per request itself; gunicorn's would be a second one."""
+    assert _gunicorn_conf(tmp_path, GUNICORN_ACCESS_LOG="")["accesslog"] is None
+    assert _gunicorn_conf(tmp_path, GUNICORN_ACCESS_LOG="-")["accesslog"] == "-"
+
+
 def test_gunicorn_access_lines_hold_no_token(app, tokens, tmp_path):
-    """gunicorn's own logger with the deployment's access_log_format, fed the real app's
+    """When turned on (GUNICORN_ACCESS_LOG): gunicorn's own logger with the deployment's
+    access_log_format, fed the real app's
     answers to requests that carry a token in every place a client might put one."""
     from gunicorn.config import Config
     from gunicorn.glogging import Logger
 
-    assert _gunicorn_setting("accesslog") == "-"
     cfg = Config()
     cfg.set("accesslog", str(tmp_path / "access.log"))
     cfg.set("errorlog", str(tmp_path / "error.log"))
