@@ -230,6 +230,9 @@ def test_the_circuit_opens_and_answers_at_once_without_contacting_the_server(
     time.sleep(0.3)  # a connection the app made would have been counted by now
     assert stalling.connections == CIRCUIT_FAILURES
     assert global_server.messages == []
+    # the operators' gauge reads the breaker's state from the database
+    scraped = client.get("/metrics").get_data(as_text=True)
+    assert 'smtp_circuit_open{transport="custom"} 1.0' in scraped, scraped[-2000:]
 
 
 def test_an_open_circuit_fails_over_without_contacting_the_server(
