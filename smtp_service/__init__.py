@@ -17,6 +17,7 @@ from smtp_service.config import ConfigError, load_config
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
+from smtp_service.services.oauth import OAuthService, providers_from_config
 from smtp_service.services.pool import TransportPool
 from smtp_service.services.records import MessageRecords
 from smtp_service.services.senders import SenderService
@@ -26,6 +27,7 @@ from smtp_service.storage.database import Database, DatabaseError
 from smtp_service.storage.files import AccountFiles
 from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
+from smtp_service.storage.oauth_states import OAuthStates
 from smtp_service.storage.refusals import RefusalBoard
 from smtp_service.storage.suppressions import SuppressionList
 
@@ -76,12 +78,27 @@ class Services:
         )
         self.idempotency = IdempotencyStore(self.database)
         self.records = MessageRecords(self.messages, self.suppressions)
+        # OAuth2 sign-in (XOAUTH2): its state is signed with a key derived from the encryption
+        # key, like the pixels; its endpoints are checked by a guard with their own allowlist.
+        self.oauth = OAuthService(
+            settings=self.settings,
+            states=OAuthStates(self.database),
+            box=self.box,
+            providers=providers_from_config(config),
+            guard=HostGuard(tuple(config["OAUTH_HOST_ALLOWLIST"])),
+            public_base_url=config["PUBLIC_BASE_URL"],
+            state_secret=hashlib.sha256(b"smtp-service oauth state:" + keys[0].encode()).digest(),
+            state_seconds=config["OAUTH_STATE_SECONDS"],
+            http_timeout=config["OAUTH_HTTP_TIMEOUT"],
+        )
+        self.settings.tokens = self.oauth
         self.pool = TransportPool(
             functools.partial(
                 connect,
                 timeouts=self.timeouts,
                 guard=self.guard,
                 ehlo_name=config["SMTP_EHLO_NAME"],
+                tokens=self.oauth,
             ),
             size=config["SMTP_POOL_SIZE"],
             max_messages=config["SMTP_POOL_MAX_MESSAGES"],
@@ -95,7 +112,7 @@ class Services:
         # A forked worker must not share the parent's sockets; on exit, QUIT politely.
         os.register_at_fork(after_in_child=self.pool.reset_after_fork)
         atexit.register(self.pool.close_all)
-        self.settings.on_change = self.pool.forget
+        self.settings.on_change = self._settings_changed
         # The open-pixel signing key is derived from the encryption key, so it survives
         # restarts and is shared by every worker without another setting.
         tracking_secret = hashlib.sha256(b"smtp-service open pixel:" + keys[0].encode()).digest()
@@ -126,6 +143,12 @@ class Services:
                 "GLOBAL_SENDER_VERIFICATION=confirm without a global server and SMTP_FROM: "
                 "new senders stay pending (`flask smtp senders confirm` confirms them)"
             )
+
+    def _settings_changed(self, account_id: str) -> None:
+        """An account's settings were saved or deleted here: its pooled connections and cached
+        access tokens go (other workers notice the changed file on their next send)."""
+        self.pool.forget(account_id)
+        self.oauth.forget(account_id)
 
     def data_dir_writable(self) -> bool:
         """True when a file can be created in the data folder."""
@@ -225,9 +248,9 @@ def register_error_handlers(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP routes."""
-    from smtp_service.api import health, messages, openapi, senders, settings, tracking
+    from smtp_service.api import health, messages, oauth, openapi, senders, settings, tracking
 
-    for module in (health, openapi, settings, messages, senders, tracking):
+    for module in (health, openapi, settings, oauth, messages, senders, tracking):
         app.register_blueprint(module.bp)
 
 

@@ -156,6 +156,90 @@ def _token_keys(
     return keys.algorithm, keys, text
 
 
+# The providers' own endpoints (https). Microsoft's {tenant} is filled in per request:
+# "organizations" for delegated sign-in (work and school accounts, what Microsoft 365 is), the
+# account's tenantId for app-only client credentials.
+OAUTH_DEFAULTS = {
+    "MICROSOFT": (
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+    ),
+    "GOOGLE": (
+        "https://accounts.google.com/o/oauth2/v2/auth",
+        "https://oauth2.googleapis.com/token",
+    ),
+}
+
+
+def _oauth_allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
+    """OAUTH_HOST_ALLOWLIST: names or CIDRs whose non-public addresses the OAuth2 endpoints may
+    use (loopback in tests, an internal proxy); the same syntax as SMTP_HOST_ALLOWLIST."""
+    entries = []
+    for item in _list(env, "OAUTH_HOST_ALLOWLIST"):
+        if "/" in item:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(f"OAUTH_HOST_ALLOWLIST has an invalid CIDR {item!r}") from None
+            entries.append(item.lower())
+        else:
+            entries.append(_host(item, "OAUTH_HOST_ALLOWLIST entry"))
+    return tuple(entries)
+
+
+def _oauth_url(env: Mapping[str, str], name: str, default: str, allowlist: tuple[str, ...]) -> str:
+    """An OAuth2 endpoint URL: https, or http only to a host OAUTH_HOST_ALLOWLIST names (or
+    whose address it covers: loopback in tests). The address is checked again before each
+    request (services.oauth)."""
+    from urllib.parse import urlsplit
+
+    url = env.get(name, "").strip() or default
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        raise ConfigError(f"{name} is not a URL: {url!r}") from None
+    if parts.scheme not in ("https", "http") or not host or parts.username or parts.password:
+        raise ConfigError(f"{name} must be an https:// URL without credentials, not {url!r}")
+    if parts.scheme == "http" and not _allowlisted(host, allowlist):
+        raise ConfigError(
+            f"{name} must be https:// (http only to a host OAUTH_HOST_ALLOWLIST names)"
+        )
+    return url
+
+
+def _allowlisted(host: str, allowlist: tuple[str, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return _host(host, "OAuth2 URL host") in allowlist
+    return any(
+        "/" in entry
+        and ip.version == ipaddress.ip_network(entry, strict=False).version
+        and ip in ipaddress.ip_network(entry, strict=False)
+        for entry in allowlist
+    )
+
+
+def _oauth(env: Mapping[str, str]) -> dict[str, Any]:
+    """OAUTH_{MICROSOFT,GOOGLE}_{CLIENT_ID,CLIENT_SECRET,AUTHORIZE_URL,TOKEN_URL}, the allowlist
+    and OAUTH_HTTP_TIMEOUT (seconds per token request)."""
+    allowlist = _oauth_allowlist(env)
+    config: dict[str, Any] = {"OAUTH_HOST_ALLOWLIST": allowlist}
+    for provider, (authorize, token) in OAUTH_DEFAULTS.items():
+        prefix = f"OAUTH_{provider}_"
+        config[prefix + "CLIENT_ID"] = env.get(prefix + "CLIENT_ID", "").strip() or None
+        config[prefix + "CLIENT_SECRET"] = env.get(prefix + "CLIENT_SECRET", "").strip() or None
+        config[prefix + "AUTHORIZE_URL"] = _oauth_url(
+            env, prefix + "AUTHORIZE_URL", authorize, allowlist
+        )
+        config[prefix + "TOKEN_URL"] = _oauth_url(env, prefix + "TOKEN_URL", token, allowlist)
+    config["OAUTH_HTTP_TIMEOUT"] = _float(env, "OAUTH_HTTP_TIMEOUT", 10.0, 0.1, 120.0)
+    config["OAUTH_STATE_SECONDS"] = _int(env, "OAUTH_STATE_SECONDS", 600, 10, 86400)
+    return config
+
+
 def _log_level(env: Mapping[str, str]) -> str:
     level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -327,4 +411,5 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         ),
         "GLOBAL_SENDER_DOMAINS": [d.lower() for d in _list(env, "GLOBAL_SENDER_DOMAINS")],
         "TRACKING_RATE_LIMIT": _rate(env, "TRACKING_RATE_LIMIT", "60 per minute"),
+        **_oauth(env),
     }

@@ -24,6 +24,10 @@ from smtp_service.services.errors import (
     MessageTooLarge,
     NoServerConfigured,
     NotFound,
+    OAuthNotConfigured,
+    OAuthProviderUnavailable,
+    OAuthSignInFailed,
+    OAuthStateInvalid,
     RecipientsSuppressed,
     SenderExists,
     SenderNotVerified,
@@ -47,7 +51,11 @@ STATUS: dict[type[DomainError], int] = {
     MessageTooLarge: 413,
     RecipientsSuppressed: 422,
     ConfirmationNotSent: 502,
+    OAuthStateInvalid: 400,
+    OAuthSignInFailed: 400,
+    OAuthProviderUnavailable: 502,
     NoServerConfigured: 503,
+    OAuthNotConfigured: 503,
     SmtpPoolBusy: 503,
 }
 

@@ -8,19 +8,22 @@ from flask.views import MethodView
 from smtp_service.api import answer, documented, json_body, services
 from smtp_service.auth import current_caller
 from smtp_service.schemas import (
+    ConnectionTestInput,
     ConnectionTestResponse,
     ErrorResponse,
     MessageResponse,
     SaveSettingsResponse,
+    SettingsInput,
     SmtpSettingsInput,
     SmtpSettingsView,
 )
-from smtp_service.services.transport import TransportError
+from smtp_service.services.transport import SmtpEndpoint, TransportError
 
 bp = Blueprint("settings", __name__, url_prefix="/api/smtp")
 
 _AUTH_ERRORS = {401: ErrorResponse}
-_SETTINGS_INPUT = SmtpSettingsInput()
+_SETTINGS_INPUT = SettingsInput()  # the password form, or "auth": "oauth2" client credentials
+_TEST_INPUT = ConnectionTestInput()
 _VIEW = SmtpSettingsView()
 _SAVED = SaveSettingsResponse()
 _MESSAGE = MessageResponse()
@@ -51,8 +54,11 @@ class SettingsResource(MethodView):
     )
     def post(self):
         caller = current_caller()
-        endpoint = json_body(_SETTINGS_INPUT)
-        saved = services().settings.save(caller.account_id, caller.user_id, endpoint)
+        given = json_body(_SETTINGS_INPUT)
+        if isinstance(given, SmtpEndpoint):
+            saved = services().settings.save(caller.account_id, caller.user_id, given)
+        else:  # Microsoft client credentials (OAuthSettingsInput)
+            saved = services().oauth.save_app_only(caller.account_id, caller.user_id, given)
         return answer(_SAVED, {"message": "SMTP settings saved successfully", "settings": saved})
 
     @documented(
@@ -80,10 +86,15 @@ class SettingsResource(MethodView):
 )
 def test_connection():
     """POST /api/smtp/test."""
-    current_caller()
-    endpoint = json_body(_SETTINGS_INPUT)
+    caller = current_caller()
+    given = json_body(_TEST_INPUT)
     try:
-        found = services().settings.test(endpoint)
+        if isinstance(given, SmtpEndpoint):
+            found = services().settings.test(given)
+        elif set(given) == {"auth"}:  # the saved OAuth2 sign-in
+            found = services().settings.test_saved_oauth(caller.account_id)
+        else:  # unsaved Microsoft client credentials
+            found = services().oauth.test_app_only(caller.account_id, given)
     except TransportError as exc:
         failed = {"success": False, "error": f"SMTP connection test failed: {exc.text}"}
         return answer(_TESTED, failed, 400)
