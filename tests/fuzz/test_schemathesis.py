@@ -1,6 +1,6 @@
 """Schemathesis against the app's own OpenAPI document (GET /api/openapi.json), in process.
 
-Every documented route and method (14 operations) is fuzzed with a valid bearer token: the
+Every documented route and method (16 operations) is fuzzed with a valid bearer token: the
 schema's examples, the coverage phase (boundary values, schema-violating values, other methods
 and content types) and MAX_EXAMPLES generated cases per operation, positive and negative. Each
 answer is checked for: not a server error (502, send-email's documented bounce, aside), a
@@ -15,8 +15,8 @@ global server is another (`global_server`); "sender@example.com" (the document's
 verified sender, and a registered "mailbox" format draws addresses that exercise the sending
 path (verified senders, hard- and soft-bouncing recipients, internationalised addresses).
 
-Cases: seed 20251110, MAX_EXAMPLES 60, derandomized: 1,362 requests over the 14 operations
-(276 answered 2xx; the same count on every run), about 40 s on 2 cores. The total is printed
+Cases: seed 20251110, MAX_EXAMPLES 60, derandomized: 1,534 requests over the 16 operations
+(292 answered 2xx; the same count on every run), about 40 s on 2 cores. The total is printed
 as "fuzz cases: ..." with -s. FUZZ_SEED and FUZZ_MAX_EXAMPLES override both for a deeper hunt
 (seeds 2-8 at 200-300 examples, 2,800-4,100 requests each, were run while writing this).
 
@@ -154,6 +154,16 @@ class Fuzzed:
 
 
 @pytest.fixture
+def app_config(app_config):
+    """OAuth2 sign-in configured (start only builds the provider's URL: nothing is fetched)."""
+    return {
+        **app_config,
+        "OAUTH_MICROSOFT_CLIENT_ID": "fuzz-application",
+        "OAUTH_GOOGLE_CLIENT_ID": "fuzz-application",
+    }
+
+
+@pytest.fixture
 def fuzzed(request, app, client, tokens, smtp_server, global_server):
     """The app with the account set up to really send: its own server, a verified sender."""
     r = client.post("/api/smtp/settings", json=settings_body(smtp_server), headers=tokens.headers())
@@ -249,4 +259,4 @@ def _with_idna(addresses: set[str]) -> set[str]:
 def test_fuzzed_document_is_the_apps_own(client):
     """The document the cases were generated from is what the test app serves."""
     assert client.get("/api/openapi.json").json == schema.raw_schema
-    assert len(list(schema.get_all_operations())) == 14
+    assert len(list(schema.get_all_operations())) == 16

@@ -37,7 +37,14 @@ from tests.security import (
 )
 from tests.smtpd import SmtpServer
 
-PUBLIC_RULES = {"/healthz", "/api/openapi.json", "/t/open/<string:token>.gif"}
+# The OAuth2 callback is reached by the user's browser from the provider: its signed state
+# names the account (tests/api/test_oauth2.py), never a bearer token.
+PUBLIC_RULES = {
+    "/healthz",
+    "/api/openapi.json",
+    "/t/open/<string:token>.gif",
+    "/api/smtp/oauth/callback",
+}
 GLOBAL_USER = "global@example.com"
 GLOBAL_PASSWORD = "global-pass-XYZ"
 SENDER = "verified@example.com"
@@ -82,7 +89,7 @@ class World:
 def authenticated_routes(app: Flask) -> list[tuple[str, str]]:
     """(method, rule) of every route but the public ones. OPTIONS is answered by Flask itself
     without running a view (see test_options_runs_no_view); Flask's default static route is
-    left to test_unauthenticated_routes_are_exactly_the_public_three."""
+    left to test_unauthenticated_routes_are_exactly_the_public_ones."""
     routes = []
     for rule in app.url_map.iter_rules():
         if rule.rule in PUBLIC_RULES or rule.endpoint == "static":
@@ -356,7 +363,7 @@ def test_a_valid_token_reaches_every_authenticated_route(tmp_path, server_tls):
             assert r.status_code < 500, (method, rule, r.get_data(as_text=True))
 
 
-def test_unauthenticated_routes_are_exactly_the_public_three(hs_world):
+def test_unauthenticated_routes_are_exactly_the_public_ones(hs_world):
     client = hs_world.client
     public = set()
     for rule in hs_world.app.url_map.iter_rules():
@@ -374,12 +381,19 @@ def test_public_routes_answer_without_a_token(hs_world):
     assert client.get("/api/openapi.json").json["openapi"].startswith("3.")
     r = client.get("/t/open/not-a-token.gif")
     assert r.status_code == 200 and r.mimetype == "image/gif"
+    r = client.get("/api/smtp/oauth/callback?code=c&state=not-a-state")
+    assert r.status_code == 400 and "invalid, expired" in r.json["error"]
     assert tree_state(hs_world.root) == before
 
 
 def test_openapi_marks_exactly_the_authenticated_routes(hs_world):
     doc = hs_world.client.get("/api/openapi.json").json
-    public_paths = {"/healthz", "/api/openapi.json", "/t/open/{token}.gif"}
+    public_paths = {
+        "/healthz",
+        "/api/openapi.json",
+        "/t/open/{token}.gif",
+        "/api/smtp/oauth/callback",
+    }
     seen = set()
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
