@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from tests.log_guard import GUARD
 from tests.smtpd import RecordingHandler, SmtpServer
@@ -68,6 +68,8 @@ class AuthorizationServer:
     client_secret: str = CLIENT_SECRET
     rotate: bool = True
     access_seconds: int = 3600
+    token_delay: float = 0.0  # seconds each token request waits before it is answered
+    token_length: int = 24  # random bytes in each access token ("at-" + url-safe base64)
     # client credentials: (tenant, client id) -> (secret, mailboxes the application may send as)
     apps: dict[tuple[str, str], tuple[str, set[str]]] = field(default_factory=dict)
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -181,6 +183,8 @@ class AuthorizationServer:
     # -- the token endpoint ------------------------------------------------------------------
 
     def handle_token(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if self.token_delay:  # outside the lock: requests made at once overlap here
+            time.sleep(self.token_delay)
         with self.lock:
             self.token_requests.append(dict(form))
             tenant = urlsplit(path).path.strip("/").split("/")[0]
@@ -238,7 +242,9 @@ class AuthorizationServer:
         }
 
     def _issue(self, user: str, refresh: str) -> dict[str, Any]:
-        access = _secret("at-" + secrets.token_urlsafe(24), "an OAuth2 access token")
+        access = _secret(
+            "at-" + secrets.token_urlsafe(self.token_length), "an OAuth2 access token"
+        )
         self.tokens[access] = Issued(user, time.time() + self.access_seconds)
         return {
             "access_token": access,
@@ -326,13 +332,23 @@ class XOAuth2Handler(RecordingHandler):
         )
 
 
+class _LongLines(SMTP):
+    """aiosmtpd with lines of up to 16 KiB: Exchange Online and Gmail take XOAUTH2 responses
+    of kilobytes (aiosmtpd's own limit is RFC 5321's 1,000 octets)."""
+
+    line_length_limit = 16384
+
+
 def xoauth2_smtp(server_tls: Any, authority: AuthorizationServer) -> SmtpServer:
     """A STARTTLS SMTP server on loopback that offers only AUTH XOAUTH2 and requires it."""
     handler = XOAuth2Handler(authority)
-    return SmtpServer(
+    server = SmtpServer(
         mode="starttls",
         users={"nobody@invalid": "-"},  # AUTH required; PLAIN and LOGIN are not offered
         server_context=server_tls,
         handler=handler,
         auth_mechanisms=(),
-    ).start()
+    )
+    controller = server.controller
+    controller.factory = lambda: _LongLines(controller.handler, **controller.SMTP_kwargs)
+    return server.start()
