@@ -216,8 +216,11 @@ def test_replayed_state_refused(client, tokens, authority, mailbox_server):
     query = authority.consent(url)
     assert client.get("/api/smtp/oauth/callback", query_string=query).status_code == 200
     before = settings_file(client)
+    asked = len(authority.token_requests)
     replay = client.get("/api/smtp/oauth/callback", query_string=query)
     assert replay.status_code == 400
+    assert "invalid, expired or was already used" in replay.get_json()["error"]
+    assert len(authority.token_requests) == asked  # refused here, not by the provider
     assert settings_file(client) == before
 
 
@@ -230,7 +233,9 @@ def test_replay_refused_by_another_app_on_the_same_database(
     url = start(first, tokens, mailbox_server).get_json()["authorizationUrl"]
     query = authority.consent(url)
     assert first.get("/api/smtp/oauth/callback", query_string=query).status_code == 200
-    assert second.get("/api/smtp/oauth/callback", query_string=query).status_code == 400
+    replay = second.get("/api/smtp/oauth/callback", query_string=query)
+    assert replay.status_code == 400
+    assert "invalid, expired or was already used" in replay.get_json()["error"]
 
 
 def test_expired_state_refused(make_app, tokens, authority, mailbox_server):
