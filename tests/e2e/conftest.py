@@ -205,6 +205,8 @@ def service_environment(
             "SMTP_FROM": "noreply@example.com",
             "SMTP_TIMEOUT": "5",
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+            # OAuth2 sign-in can start (its URL is only built; no provider is reached)
+            "OAUTH_MICROSOFT_CLIENT_ID": "e2e-application",
             "SSL_CERT_FILE": ca_file,
             "PYTHONUNBUFFERED": "1",
         }

@@ -139,6 +139,9 @@ def test_postman_collection_passes(live_service: LiveService, tmp_path: Path) ->
     expected_requests = _count_requests(collection["item"])
     assert stats["requests"]["total"] == expected_requests, output
     assert stats["requests"]["failed"] == 0, output
+    # OAuth2 sign-in is configured here: the start request took its 200 branch, not the 503
+    codes = {e["item"]["name"]: e["response"]["code"] for e in run["executions"]}
+    assert codes["POST start a Microsoft sign-in"] == 200
 
     # The collection really talked to the SMTP servers: the test logins reached the account's
     # server (right, then wrong password); the sends landed where the collection says.
