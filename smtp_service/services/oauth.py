@@ -50,6 +50,7 @@ from smtp_service.services.hostnames import InvalidHost, normalise_host
 from smtp_service.services.netguard import REFUSED_TEXT, HostGuard, HostRefused, HostUnresolved
 from smtp_service.services.settings import SettingsService, StoredSettings
 from smtp_service.services.transport import (
+    REAUTHORIZE_TEXT,
     ConnectionCheck,
     OAuthLogin,
     Secret,
@@ -71,11 +72,6 @@ MICROSOFT_APP_SCOPE = "https://outlook.office365.com/.default"
 EXPIRY_MARGIN_SECONDS = 60.0
 REFRESH_LOCK = "oauth-refresh"
 REFRESH_LOCK_SECONDS = 30.0
-REAUTHORIZE_TEXT = (
-    "Authentication failed: the OAuth2 provider refused to renew the sign-in (invalid_grant: "
-    "consent revoked, password changed or the grant expired); the account needs "
-    "reauthorization (POST /api/smtp/oauth/start)"
-)
 # RFC 4954 section 6: 454 is a temporary authentication failure; a token endpoint that cannot
 # be reached is one (TransportError.temporary reads the code).
 TEMPORARY_AUTH_FAILURE = 454
@@ -352,7 +348,8 @@ class OAuthService:
                 token = self._client_credentials(login)
             else:
                 token = self._refresh(login)
-            return self._remember(login, token)
+            # unsaved client credentials (a connection test) are not kept
+            return self._remember(login if login.grant_id else None, token)
 
     def forget(self, account_id: str) -> None:
         """Drop this worker's access tokens of the account (its settings changed or went)."""

@@ -69,6 +69,14 @@ class OAuthLogin:
     client_secret: Secret | None = None
 
 
+# What a send answers while an account's OAuth2 grant is refused (services.oauth raises it too).
+REAUTHORIZE_TEXT = (
+    "Authentication failed: the OAuth2 provider refused to renew the sign-in (invalid_grant: "
+    "consent revoked, password changed or the grant expired); the account needs "
+    "reauthorization (POST /api/smtp/oauth/start)"
+)
+
+
 class AccessTokens(Protocol):
     """Where connections get OAuth2 access tokens (services.oauth.OAuthService)."""
 
@@ -438,6 +446,9 @@ def connect(
     conn: BoundedSMTP | None = None
     try:
         pinned = guard.addresses(endpoint.host, endpoint.port, trusted=endpoint.trusted)
+        if endpoint.oauth is not None and endpoint.oauth.needs_reauthorization:
+            # the provider refused the grant: no connection can sign in, so none is opened
+            raise TransportError("auth", REAUTHORIZE_TEXT)
         context = tls_context()
         if endpoint.secure:
             conn = _PinnedSMTPSSL(

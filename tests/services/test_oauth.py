@@ -68,7 +68,7 @@ def test_two_workers_refreshing_at_once_keep_the_newest_refresh_token(
         barrier = threading.Barrier(2)
         failures: list[BaseException] = []
 
-        def renew(app) -> None:
+        def renew(app, barrier=barrier, failures=failures) -> None:
             barrier.wait()
             try:
                 app.extensions["smtp_service"].oauth.access_token(login, renew=True)
