@@ -76,17 +76,18 @@ def _list(env: Mapping[str, str], name: str) -> list[str]:
     return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
 
 
-def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
+def _allowlist(env: Mapping[str, str], name: str = "SMTP_HOST_ALLOWLIST") -> tuple[str, ...]:
+    """Host names and CIDRs (SMTP_HOST_ALLOWLIST, OAUTH_HOST_ALLOWLIST)."""
     entries = []
-    for item in _list(env, "SMTP_HOST_ALLOWLIST"):
+    for item in _list(env, name):
         if "/" in item:
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
-                raise ConfigError(f"SMTP_HOST_ALLOWLIST has an invalid CIDR {item!r}") from None
+                raise ConfigError(f"{name} has an invalid CIDR {item!r}") from None
             entries.append(item.lower())
         else:  # in the form hosts are compared in: "Bücher.example." is xn--bcher-kva.example
-            entries.append(_host(item, "SMTP_HOST_ALLOWLIST entry"))
+            entries.append(_host(item, f"{name} entry"))
     return tuple(entries)
 
 
@@ -171,22 +172,6 @@ OAUTH_DEFAULTS = {
 }
 
 
-def _oauth_allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
-    """OAUTH_HOST_ALLOWLIST: names or CIDRs whose non-public addresses the OAuth2 endpoints may
-    use (loopback in tests, an internal proxy); the same syntax as SMTP_HOST_ALLOWLIST."""
-    entries = []
-    for item in _list(env, "OAUTH_HOST_ALLOWLIST"):
-        if "/" in item:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ConfigError(f"OAUTH_HOST_ALLOWLIST has an invalid CIDR {item!r}") from None
-            entries.append(item.lower())
-        else:
-            entries.append(_host(item, "OAUTH_HOST_ALLOWLIST entry"))
-    return tuple(entries)
-
-
 def _oauth_url(env: Mapping[str, str], name: str, default: str, allowlist: tuple[str, ...]) -> str:
     """An OAuth2 endpoint URL: https, or http only to a host OAUTH_HOST_ALLOWLIST names (or
     whose address it covers: loopback in tests). The address is checked again before each
@@ -225,7 +210,9 @@ def _allowlisted(host: str, allowlist: tuple[str, ...]) -> bool:
 def _oauth(env: Mapping[str, str]) -> dict[str, Any]:
     """OAUTH_{MICROSOFT,GOOGLE}_{CLIENT_ID,CLIENT_SECRET,AUTHORIZE_URL,TOKEN_URL}, the allowlist
     and OAUTH_HTTP_TIMEOUT (seconds per token request)."""
-    allowlist = _oauth_allowlist(env)
+    # names or CIDRs whose non-public addresses the OAuth2 endpoints may use (loopback in
+    # tests, an internal proxy)
+    allowlist = _allowlist(env, "OAUTH_HOST_ALLOWLIST")
     config: dict[str, Any] = {"OAUTH_HOST_ALLOWLIST": allowlist}
     for provider, (authorize, token) in OAUTH_DEFAULTS.items():
         prefix = f"OAUTH_{provider}_"

@@ -254,11 +254,7 @@ class SettingsService:
             "updatedAt": stored.updated_at,
             "updatedBy": stored.updated_by,
         }
-        if endpoint.max_connections is not None:  # files without it stay as they were
-            document["maxConnections"] = endpoint.max_connections
-        self.files.write(account_id, SETTINGS_FILE, document)
-        self._cache.discard(account_id)
-        self.on_change(account_id)
+        self._store(account_id, endpoint, document)
         log.info(
             "account %s: SMTP settings saved by %s (host %s:%s)",
             account_id,
@@ -267,6 +263,15 @@ class SettingsService:
             endpoint.port,
         )
         return stored
+
+    def _store(self, account_id: str, endpoint: SmtpEndpoint, document: dict[str, Any]) -> None:
+        """Write a settings document (with maxConnections when set: files without it stay as
+        they were) and tell the pool and the token cache."""
+        if endpoint.max_connections is not None:
+            document["maxConnections"] = endpoint.max_connections
+        self.files.write(account_id, SETTINGS_FILE, document)
+        self._cache.discard(account_id)
+        self.on_change(account_id)
 
     def save_oauth(
         self,
@@ -322,11 +327,7 @@ class SettingsService:
             document["tenantId"] = login.tenant_id
             document["clientId"] = login.client_id
             document["clientSecret"] = self.box.encrypt(account_id, login.client_secret.reveal())
-        if endpoint.max_connections is not None:
-            document["maxConnections"] = endpoint.max_connections
-        self.files.write(account_id, SETTINGS_FILE, document)
-        self._cache.discard(account_id)
-        self.on_change(account_id)
+        self._store(account_id, endpoint, document)
         log.info(
             "account %s: OAuth2 SMTP settings saved by %s (%s, host %s:%s)",
             account_id,

@@ -502,6 +502,18 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _auth_with_response(conn: BoundedSMTP, mechanism: str, response: str) -> tuple[int, bytes]:
+    """AUTH `mechanism` with its client response (base64): on the command line when it is
+    short, else after the server's empty challenge (RFC 4954 section 4: some servers limit a
+    command line to 512 octets). The server's reply (code, text) to the response."""
+    if len(response) <= _INITIAL_RESPONSE_LIMIT:
+        return conn.docmd("AUTH", f"{mechanism} {response}")
+    code, reply = conn.docmd("AUTH", mechanism)
+    if code == 334:
+        code, reply = conn.docmd(response)
+    return code, reply
+
+
 def _login(conn: BoundedSMTP, user: str, password: str) -> None:
     """AUTH once, with the best mechanism the server offers (RFC 4954): PLAIN (RFC 4616),
     else LOGIN; user name and password in UTF-8 either way (as Nodemailer sends them and
@@ -514,12 +526,7 @@ def _login(conn: BoundedSMTP, user: str, password: str) -> None:
     offered = conn.esmtp_features.get("auth", "").upper().split()
     if "PLAIN" in offered:
         token = _b64(b"\0" + user.encode() + b"\0" + password.encode())
-        if len(token) <= _INITIAL_RESPONSE_LIMIT:
-            code, reply = conn.docmd("AUTH", "PLAIN " + token)
-        else:
-            code, reply = conn.docmd("AUTH", "PLAIN")
-            if code == 334:
-                code, reply = conn.docmd(token)
+        code, reply = _auth_with_response(conn, "PLAIN", token)
     elif "LOGIN" in offered:
         code, reply = conn.docmd("AUTH", "LOGIN")
         if code == 334:
@@ -550,13 +557,7 @@ def _xoauth2(conn: BoundedSMTP, user: str, token: Secret) -> tuple[int, bytes]:
     the server's empty challenge (as Microsoft documents it; Gmail takes both). A failure that
     comes as a 334 with an error (Gmail's base64 JSON) is answered with an empty line, after
     which the server sends its 535 (Google's XOAUTH2 protocol)."""
-    response = xoauth2_response(user, token.reveal())
-    if len(response) <= _INITIAL_RESPONSE_LIMIT:
-        code, reply = conn.docmd("AUTH", "XOAUTH2 " + response)
-    else:
-        code, reply = conn.docmd("AUTH", "XOAUTH2")
-        if code == 334:
-            code, reply = conn.docmd(response)
+    code, reply = _auth_with_response(conn, "XOAUTH2", xoauth2_response(user, token.reveal()))
     if code == 334:  # the error challenge: an empty response ends the exchange
         code, reply = conn.docmd("")
     return code, reply

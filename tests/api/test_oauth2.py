@@ -13,39 +13,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from smtp_service import ConfigError, create_app
-from tests.oauth_server import CLIENT_ID, AuthorizationServer, xoauth2_smtp
+from tests.oauth_server import CLIENT_ID, AuthorizationServer
 
 MAILBOX = "mailbox@contoso.example"
 OTHER_MAILBOX = "other@contoso.example"
-
-
-@pytest.fixture
-def authority():
-    server = AuthorizationServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mailbox_server(server_tls, authority):
-    server = xoauth2_smtp(server_tls, authority)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def make_app(app_config, authority, mailbox_server):
-    made = []  # torn down before the servers: pooled connections QUIT while they listen
-
-    def _make(**overrides: str):
-        app = create_app({**app_config, **authority.config(), **overrides})
-        made.append(app)
-        return app
-
-    yield _make
-    for app in made:
-        app.extensions["smtp_service"].pool.close_all()
-        app.extensions["smtp_service"].database.dispose()
 
 
 @pytest.fixture

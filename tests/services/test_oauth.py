@@ -6,42 +6,9 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
-
-from smtp_service import create_app
 from smtp_service.services.crypto import new_key
 from smtp_service.services.transport import Secret, xoauth2_response
 from tests.api.test_oauth2 import MAILBOX, send, services, settings_file, sign_in
-from tests.oauth_server import AuthorizationServer, xoauth2_smtp
-
-
-@pytest.fixture
-def authority():
-    server = AuthorizationServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mailbox_server(server_tls, authority):
-    server = xoauth2_smtp(server_tls, authority)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def make_app(app_config, authority, mailbox_server):
-    made = []
-
-    def _make(**overrides: str):
-        app = create_app({**app_config, **authority.config(), **overrides})
-        made.append(app)
-        return app
-
-    yield _make
-    for app in made:
-        app.extensions["smtp_service"].pool.close_all()
-        app.extensions["smtp_service"].database.dispose()
 
 
 def test_xoauth2_response_is_the_providers_format():
