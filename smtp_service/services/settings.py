@@ -362,33 +362,14 @@ class SettingsService:
         """Replace the refresh token `used` by the provider's rotated `new` one, atomically,
         only while the file still holds sign-in `grant_id` with `used` (compare-and-swap: a
         new sign-in or a deletion in between wins). True when it was written."""
-
-        changed = False
-
-        def _change(doc: Any) -> Any:
-            nonlocal changed
-            if not self._holds(account_id, doc, grant_id, used):
-                return doc
-            changed = True
-            return {**doc, "refreshToken": self.box.encrypt(account_id, new.reveal())}
-
-        self.files.update(account_id, SETTINGS_FILE, _change)
-        return changed
+        encrypted = self.box.encrypt(account_id, new.reveal())
+        return self._swap(account_id, grant_id, used, {"refreshToken": encrypted})
 
     def mark_needs_reauthorization(self, account_id: str, grant_id: str, used: Secret) -> bool:
         """Note that the provider refused the refresh token `used` (invalid_grant): the account
         must sign in again. Compare-and-swap as store_refresh_token; True when written. The
         account's pooled connections are given up (their endpoint changed)."""
-        changed = False
-
-        def _change(doc: Any) -> Any:
-            nonlocal changed
-            if not self._holds(account_id, doc, grant_id, used):
-                return doc
-            changed = True
-            return {**doc, "needsReauthorization": True}
-
-        self.files.update(account_id, SETTINGS_FILE, _change)
+        changed = self._swap(account_id, grant_id, used, {"needsReauthorization": True})
         if changed:
             self._cache.discard(account_id)
             self.on_change(account_id)
@@ -397,6 +378,23 @@ class SettingsService:
                 "reauthorization",
                 account_id,
             )
+        return changed
+
+    def _swap(
+        self, account_id: str, grant_id: str, used: Secret, fields: dict[str, Any]
+    ) -> bool:
+        """Set `fields` in the settings file, under its lock, only while it holds sign-in
+        `grant_id` with refresh token `used`; True when written."""
+        changed = False
+
+        def _change(doc: Any) -> Any:
+            nonlocal changed
+            if not self._holds(account_id, doc, grant_id, used):
+                return doc
+            changed = True
+            return {**doc, **fields}
+
+        self.files.update(account_id, SETTINGS_FILE, _change)
         return changed
 
     def _holds(self, account_id: str, doc: Any, grant_id: str, token: Secret) -> bool:
