@@ -12,6 +12,8 @@ from smtp_service.schemas import (
     ConnectionTestResponse,
     ErrorResponse,
     MessageResponse,
+    OAuthSettingsInput,
+    SavedOAuthTestInput,
     SaveSettingsResponse,
     SettingsInput,
     SmtpSettingsInput,
@@ -42,8 +44,8 @@ class SettingsResource(MethodView):
         return answer(_VIEW, services().settings.active(caller.account_id))
 
     @documented(
-        "Save the account's SMTP settings",
-        body=SmtpSettingsInput,
+        "Save the account's SMTP settings (a password, or Microsoft app-only OAuth2)",
+        body=(SmtpSettingsInput, OAuthSettingsInput),
         responses={
             200: SaveSettingsResponse,
             400: ErrorResponse,
@@ -74,8 +76,9 @@ class SettingsResource(MethodView):
 
 @bp.post("/test")
 @documented(
-    "Test a connection with the given settings (nothing is saved)",
-    body=SmtpSettingsInput,
+    "Test a connection with the given settings (nothing is saved), or the saved OAuth2 "
+    "sign-in ({\"auth\": \"oauth2\"})",
+    body=(SmtpSettingsInput, OAuthSettingsInput, SavedOAuthTestInput),
     responses={
         200: ConnectionTestResponse,
         400: (ConnectionTestResponse, ErrorResponse),  # the test failed, or the body did

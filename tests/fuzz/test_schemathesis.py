@@ -15,8 +15,8 @@ global server is another (`global_server`); "sender@example.com" (the document's
 verified sender, and a registered "mailbox" format draws addresses that exercise the sending
 path (verified senders, hard- and soft-bouncing recipients, internationalised addresses).
 
-Cases: seed 20251110, MAX_EXAMPLES 60, derandomized: 1,534 requests over the 16 operations
-(292 answered 2xx; the same count on every run), about 40 s on 2 cores. The total is printed
+Cases: seed 20251110, MAX_EXAMPLES 60, derandomized: 1,749 requests over the 16 operations
+(308 answered 2xx; the same count on every run), about 40 s on 2 cores. The total is printed
 as "fuzz cases: ..." with -s. FUZZ_SEED and FUZZ_MAX_EXAMPLES override both for a deeper hunt
 (seeds 2-8 at 200-300 examples, 2,800-4,100 requests each, were run while writing this).
 
@@ -155,11 +155,14 @@ class Fuzzed:
 
 @pytest.fixture
 def app_config(app_config):
-    """OAuth2 sign-in configured (start only builds the provider's URL: nothing is fetched)."""
+    """OAuth2 sign-in configured (start only builds the provider's URL); a token request (a
+    test of client credentials) goes to a loopback port where nothing listens."""
     return {
         **app_config,
         "OAUTH_MICROSOFT_CLIENT_ID": "fuzz-application",
         "OAUTH_GOOGLE_CLIENT_ID": "fuzz-application",
+        "OAUTH_MICROSOFT_TOKEN_URL": "http://127.0.0.1:9/{tenant}/token",
+        "OAUTH_HOST_ALLOWLIST": "127.0.0.1/32",
     }
 
 
