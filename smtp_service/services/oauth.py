@@ -263,7 +263,7 @@ class OAuthService:
                     grant_type="authorization_code",
                     code=code,
                     code_verifier=verifier,
-                    **self._request_options(),
+                    **self._request_options(None),
                 ),
             )
         except TransportError as exc:
@@ -328,10 +328,14 @@ class OAuthService:
 
     # -- access tokens (transport.AccessTokens) -----------------------------------------------
 
-    def access_token(self, login: OAuthLogin, *, renew: bool = False) -> Secret:
+    def access_token(
+        self, login: OAuthLogin, *, renew: bool = False, deadline: float | None = None
+    ) -> Secret:
         """A valid access token for `login`: this worker's cached one until EXPIRY_MARGIN
         before it expires, else a new one (refresh token, or client credentials). `renew`
-        skips the cache (the SMTP server refused the cached token with 535).
+        skips the cache (the SMTP server refused the cached token with 535). `deadline`
+        (time.monotonic() seconds) bounds the wait for another worker's refresh and the request
+        to the provider, so that a send still ends within SMTP_DEADLINE.
 
         Raises TransportError "auth": the account needs reauthorization (the provider refused
         the grant: marked in its settings), the client credentials were refused, or the token
@@ -345,9 +349,9 @@ class OAuthService:
             if cached is not None and not renew and self.clock() < cached.renew_at:
                 return cached.token
             if login.grant == "client_credentials":
-                token = self._client_credentials(login)
+                token = self._client_credentials(login, deadline)
             else:
-                token = self._refresh(login)
+                token = self._refresh(login, deadline)
             # unsaved client credentials (a connection test) are not kept
             return self._remember(login if login.grant_id else None, token)
 
@@ -380,7 +384,7 @@ class OAuthService:
             self._cache[login] = _Cached(secret, renew_at)
         return secret
 
-    def _client_credentials(self, login: OAuthLogin) -> dict[str, Any]:
+    def _client_credentials(self, login: OAuthLogin, deadline: float | None) -> dict[str, Any]:
         provider = self._provider_urls(login.provider)
         assert login.tenant_id and login.client_id and login.client_secret is not None
         token_url = provider.url(provider.token_url, login.tenant_id)
@@ -399,7 +403,7 @@ class OAuthService:
                 app,
                 token_url,
                 lambda client: client.fetch_token(
-                    token_url, grant_type="client_credentials", **self._request_options()
+                    token_url, grant_type="client_credentials", **self._request_options(deadline)
                 ),
             )
         except OAuthError as exc:
@@ -409,14 +413,15 @@ class OAuthService:
                 f"({_error_code(exc.error)})",
             ) from None
 
-    def _refresh(self, login: OAuthLogin) -> dict[str, Any]:
+    def _refresh(self, login: OAuthLogin, deadline: float | None) -> dict[str, Any]:
         """A new access token from the stored refresh token, under the account's refresh lock
         (every worker and instance): the refresh token is read inside it, and a rotated one
         saved before it is let go."""
         provider = self._provider_urls(login.provider)
         token_url = provider.url(provider.token_url, DELEGATED_TENANT)
         try:
-            with self.settings.files.lock(login.account_id, REFRESH_LOCK, REFRESH_LOCK_SECONDS):
+            wait = _within(REFRESH_LOCK_SECONDS, deadline)
+            with self.settings.files.lock(login.account_id, REFRESH_LOCK, wait):
                 grant = self.settings.read_grant(login.account_id)
                 if grant is None or grant.grant_id != login.grant_id:
                     raise TransportError(
@@ -435,7 +440,9 @@ class OAuthService:
                         provider,
                         token_url,
                         lambda client: client.refresh_token(
-                            token_url, refresh_token=used.reveal(), **self._request_options()
+                            token_url,
+                            refresh_token=used.reveal(),
+                            **self._request_options(deadline),
                         ),
                     )
                 except OAuthError as exc:
@@ -466,9 +473,9 @@ class OAuthService:
 
     # -- requests to the provider --------------------------------------------------------------
 
-    def _request_options(self) -> dict[str, Any]:
+    def _request_options(self, deadline: float | None) -> dict[str, Any]:
         # No redirect is followed: a token endpoint answers, it does not send us elsewhere.
-        return {"timeout": self.http_timeout, "allow_redirects": False}
+        return {"timeout": _within(self.http_timeout, deadline), "allow_redirects": False}
 
     def _token_request(
         self, provider: Provider, url: str, call: Callable[[OAuth2Session], Any]
@@ -544,6 +551,17 @@ class OAuthService:
             self.settings.guard.check(host, port)
         except HostRefused:
             raise InvalidInput.field("host", REFUSED_TEXT) from None
+
+
+def _within(seconds: float, deadline: float | None) -> float:
+    """`seconds`, or what is left of `deadline` (time.monotonic()) when that is less; raises
+    TransportError "timeout" when nothing is left."""
+    if deadline is None:
+        return seconds
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TransportError("timeout", "Timed out before an OAuth2 access token was had")
+    return min(seconds, left)
 
 
 def _error_code(error: Any) -> str:

@@ -80,9 +80,12 @@ REAUTHORIZE_TEXT = (
 class AccessTokens(Protocol):
     """Where connections get OAuth2 access tokens (services.oauth.OAuthService)."""
 
-    def access_token(self, login: OAuthLogin, *, renew: bool = False) -> Secret:
-        """A currently valid access token for `login` (cached; `renew` fetches a new one).
-        Raises TransportError of kind "auth" when none can be had (no secret in its text)."""
+    def access_token(
+        self, login: OAuthLogin, *, renew: bool = False, deadline: float | None = None
+    ) -> Secret:
+        """A currently valid access token for `login` (cached; `renew` fetches a new one),
+        within `deadline` (time.monotonic() seconds, None: none). Raises TransportError of kind
+        "auth" when none can be had, "timeout" past the deadline (no secret in its text)."""
 
 
 @dataclass(frozen=True)
@@ -582,9 +585,10 @@ def _xoauth2_login(
         )
     if tokens is None:
         raise TransportError("auth", "Authentication failed (OAuth2 sign-in is not available)")
-    code, reply = _xoauth2(conn, user, tokens.access_token(login))
+    code, reply = _xoauth2(conn, user, tokens.access_token(login, deadline=conn.deadline))
     if code == 535:
-        code, reply = _xoauth2(conn, user, tokens.access_token(login, renew=True))
+        renewed = tokens.access_token(login, renew=True, deadline=conn.deadline)
+        code, reply = _xoauth2(conn, user, renewed)
     if code != 235:
         raise smtplib.SMTPAuthenticationError(code, reply)
 

@@ -476,3 +476,19 @@ def test_token_request_to_a_refused_address_is_not_made(
     answer = client.get("/api/smtp/oauth/callback", query_string=authority.consent(url))
     assert answer.status_code == 502
     assert "host is not allowed or does not resolve" in answer.get_json()["error"]
+
+
+def test_a_slow_token_endpoint_is_bounded_by_the_send_deadline(
+    make_app, tokens, authority, mailbox_server
+):
+    """A refresh is one stage of the send: it gets what is left of SMTP_DEADLINE, not more
+    (the answer is a temporary auth failure instead of a late delivery)."""
+    client = make_app(SMTP_POOL_SIZE="0", SMTP_DEADLINE="1").test_client()
+    sign_in(client, tokens, authority, mailbox_server)
+    authority.token_delay = 3.0
+    services(client).oauth.clock = lambda: time.time() + 3600  # the cached token is old
+    answer = send(client, tokens)
+    assert answer.status_code == 502
+    body = answer.get_json()
+    assert body["category"] == "auth" and body["temporary"] is True
+    assert mailbox_server.messages == []
