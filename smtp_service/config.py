@@ -173,9 +173,9 @@ OAUTH_DEFAULTS = {
 
 
 def _oauth_url(env: Mapping[str, str], name: str, default: str, allowlist: tuple[str, ...]) -> str:
-    """An OAuth2 endpoint URL: https, or http only to a host OAUTH_HOST_ALLOWLIST names (or
-    whose address it covers: loopback in tests). The address is checked again before each
-    request (services.oauth)."""
+    """An OAuth2 endpoint URL: https, or http only to a loopback host OAUTH_HOST_ALLOWLIST
+    names or covers (a test server). The address is checked again before each request
+    (services.oauth)."""
     from urllib.parse import urlsplit
 
     url = env.get(name, "").strip() or default
@@ -189,17 +189,20 @@ def _oauth_url(env: Mapping[str, str], name: str, default: str, allowlist: tuple
         raise ConfigError(f"{name} must be an https:// URL without credentials, not {url!r}")
     if parts.scheme == "http" and not _allowlisted(host, allowlist):
         raise ConfigError(
-            f"{name} must be https:// (http only to a host OAUTH_HOST_ALLOWLIST names)"
+            f"{name} must be https:// (http only to a loopback host OAUTH_HOST_ALLOWLIST names)"
         )
     return url
 
 
 def _allowlisted(host: str, allowlist: tuple[str, ...]) -> bool:
+    """True for a loopback host (an address, or "localhost") that the allowlist names or
+    covers: the only hosts an http:// OAuth2 URL may name."""
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return _host(host, "OAuth2 URL host") in allowlist
-    return any(
+        name = _host(host, "OAuth2 URL host")
+        return name == "localhost" and name in allowlist
+    return ip.is_loopback and any(
         "/" in entry
         and ip.version == ipaddress.ip_network(entry, strict=False).version
         and ip in ipaddress.ip_network(entry, strict=False)

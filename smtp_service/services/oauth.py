@@ -22,6 +22,7 @@ This module decides what the service does around it:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 import threading
@@ -487,7 +488,13 @@ class OAuthService:
         parts = urlsplit(url)
         host = parts.hostname or ""
         try:
-            self.guard.addresses(host, parts.port or (443 if parts.scheme == "https" else 80))
+            addresses = self.guard.addresses(host, parts.port or 443)
+            # http only to loopback (a test server; the configuration allows no other): a
+            # name that came to resolve elsewhere does not get a token request in the clear
+            if parts.scheme != "https" and not all(
+                ipaddress.ip_address(a).is_loopback for a in addresses
+            ):
+                raise HostRefused()
         except (HostRefused, HostUnresolved):
             raise TransportError(
                 "auth",

@@ -459,10 +459,19 @@ def test_password_form_unchanged(client, tokens, smtp_server):
 # -- the endpoints' guard -------------------------------------------------------------------------
 
 
-def test_http_token_url_needs_the_allowlist(app_config, authority):
-    config = {**app_config, **authority.config()}
-    config["OAUTH_HOST_ALLOWLIST"] = ""
-    with pytest.raises(ConfigError, match="OAUTH_MICROSOFT_AUTHORIZE_URL must be https"):
+@pytest.mark.parametrize(
+    ("url", "allowlist"),
+    [
+        ("http://127.0.0.1:8080/{tenant}/token", ""),  # loopback, not allowlisted
+        ("http://10.1.2.3/{tenant}/token", "10.0.0.0/8"),  # allowlisted, not loopback
+        ("http://idp.internal/{tenant}/token", "idp.internal"),
+        ("ftp://login.example/token", "127.0.0.1/32"),
+        ("https://user:pw@login.example/token", ""),
+    ],
+)
+def test_token_url_must_be_https_or_allowlisted_loopback(app_config, url, allowlist):
+    config = {**app_config, "OAUTH_MICROSOFT_TOKEN_URL": url, "OAUTH_HOST_ALLOWLIST": allowlist}
+    with pytest.raises(ConfigError, match="OAUTH_MICROSOFT_TOKEN_URL must be (an )?https"):
         create_app(config)
 
 
