@@ -343,6 +343,8 @@ class OAuthService:
         endpoint failed (code 454: temporary). No text holds a token or secret."""
         if login.needs_reauthorization:
             raise TransportError("auth", REAUTHORIZE_TEXT)
+        if not login.grant_id:  # unsaved client credentials (a connection test): not kept
+            return self._remember(None, self._client_credentials(login, deadline))
         with self._lock:
             lock = self._locks.setdefault(login, threading.Lock())
         with lock:  # one refresh per login and worker at a time; the others use its token
@@ -353,8 +355,7 @@ class OAuthService:
                 token = self._client_credentials(login, deadline)
             else:
                 token = self._refresh(login, deadline)
-            # unsaved client credentials (a connection test) are not kept
-            return self._remember(login if login.grant_id else None, token)
+            return self._remember(login, token)
 
     def forget(self, account_id: str) -> None:
         """Drop this worker's access tokens of the account (its settings changed or went)."""
