@@ -155,7 +155,7 @@ def mailbox_server(server_tls, authority):
 
 
 @pytest.fixture
-def make_app(app_config, authority, mailbox_server):
+def oauth_app(app_config, authority, mailbox_server):
     """Apps with OAuth2 pointed at `authority` (overrides: more config); torn down before the
     servers, so pooled connections QUIT while they still listen."""
     made = []

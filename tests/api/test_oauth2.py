@@ -20,8 +20,8 @@ OTHER_MAILBOX = "other@contoso.example"
 
 
 @pytest.fixture
-def client(make_app):
-    return make_app().test_client()
+def client(oauth_app):
+    return oauth_app().test_client()
 
 
 def start(client, tokens, smtp, account="acct-a", user=MAILBOX, provider="microsoft", **more):
@@ -127,9 +127,9 @@ def test_refresh_token_copied_to_another_account_does_not_decrypt(
 
 
 def test_google_start_asks_for_offline_access_and_gmail_scope(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
-    client = make_app(**authority.config("GOOGLE")).test_client()
+    client = oauth_app(**authority.config("GOOGLE")).test_client()
     answer = client.post(
         "/api/smtp/oauth/start",
         json={"provider": "google", "user": "me@workspace.example"},
@@ -142,15 +142,15 @@ def test_google_start_asks_for_offline_access_and_gmail_scope(
     assert services(client).oauth.providers["google"].host == "smtp.gmail.com"
 
 
-def test_start_refuses_what_cannot_work(make_app, tokens, mailbox_server):
-    client = make_app().test_client()
+def test_start_refuses_what_cannot_work(oauth_app, tokens, mailbox_server):
+    client = oauth_app().test_client()
     assert start(client, tokens, mailbox_server, provider="yahoo").status_code == 400
     refused = start(client, tokens, mailbox_server, provider="google")  # no application set up
     assert refused.status_code == 503
     assert "OAUTH_GOOGLE_CLIENT_ID" in refused.get_json()["error"]
     blocked = start(client, tokens, mailbox_server, host="10.1.2.3")
     assert blocked.status_code == 400 and blocked.get_json()["details"]["host"]
-    no_base = make_app(PUBLIC_BASE_URL="").test_client()
+    no_base = oauth_app(PUBLIC_BASE_URL="").test_client()
     assert start(no_base, tokens, mailbox_server).status_code == 503
 
 
@@ -196,11 +196,11 @@ def test_replayed_state_refused(client, tokens, authority, mailbox_server):
 
 
 def test_replay_refused_by_another_app_on_the_same_database(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
     """The state's single use is recorded in the shared database: a second worker or
     instance refuses it too."""
-    first, second = make_app().test_client(), make_app().test_client()
+    first, second = oauth_app().test_client(), oauth_app().test_client()
     url = start(first, tokens, mailbox_server).get_json()["authorizationUrl"]
     query = authority.consent(url)
     assert first.get("/api/smtp/oauth/callback", query_string=query).status_code == 200
@@ -209,8 +209,8 @@ def test_replay_refused_by_another_app_on_the_same_database(
     assert "invalid, expired or was already used" in replay.get_json()["error"]
 
 
-def test_expired_state_refused(make_app, tokens, authority, mailbox_server):
-    client = make_app(OAUTH_STATE_SECONDS="10").test_client()
+def test_expired_state_refused(oauth_app, tokens, authority, mailbox_server):
+    client = oauth_app(OAUTH_STATE_SECONDS="10").test_client()
     url = start(client, tokens, mailbox_server).get_json()["authorizationUrl"]
     query = authority.consent(url)
     database = services(client).database
@@ -255,9 +255,9 @@ def test_one_account_cannot_complete_anothers_flow(client, tokens, authority, ma
 
 
 def test_token_expiring_between_two_sends_is_renewed_unnoticed(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
-    client = make_app(SMTP_POOL_SIZE="0").test_client()  # a new connection (and AUTH) per send
+    client = oauth_app(SMTP_POOL_SIZE="0").test_client()  # a new connection (and AUTH) per send
     sign_in(client, tokens, authority, mailbox_server)
     assert send(client, tokens, subject="one").status_code == 200
     authority.expire_access_tokens()
@@ -275,9 +275,9 @@ def test_token_expiring_between_two_sends_is_renewed_unnoticed(
 
 
 def test_535_to_a_token_gets_one_renewed_token_and_a_retry(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
-    client = make_app(SMTP_POOL_SIZE="0").test_client()
+    client = oauth_app(SMTP_POOL_SIZE="0").test_client()
     sign_in(client, tokens, authority, mailbox_server)
     authority.expire_access_tokens()  # the provider ended it early; the worker does not know
     sent = send(client, tokens)
@@ -297,8 +297,8 @@ def test_pooled_connection_signed_in_with_a_token_stays_usable(
     assert len(mailbox_server.messages) == 2
 
 
-def test_rotated_refresh_token_is_saved(make_app, tokens, authority, mailbox_server):
-    client = make_app(SMTP_POOL_SIZE="0").test_client()
+def test_rotated_refresh_token_is_saved(oauth_app, tokens, authority, mailbox_server):
+    client = oauth_app(SMTP_POOL_SIZE="0").test_client()
     sign_in(client, tokens, authority, mailbox_server)
     first = settings_file(client)["refreshToken"]
     oauth = services(client).oauth
@@ -311,10 +311,10 @@ def test_rotated_refresh_token_is_saved(make_app, tokens, authority, mailbox_ser
 
 
 def test_revoked_grant_needs_reauthorization_and_leaks_nothing(
-    make_app, tokens, authority, mailbox_server, caplog
+    oauth_app, tokens, authority, mailbox_server, caplog
 ):
     caplog.set_level(logging.DEBUG)
-    client = make_app(SMTP_POOL_SIZE="0").test_client()
+    client = oauth_app(SMTP_POOL_SIZE="0").test_client()
     sign_in(client, tokens, authority, mailbox_server)
     assert send(client, tokens, subject="before").status_code == 200
     authority.revoke(MAILBOX)  # consent withdrawn: the refresh token is refused
@@ -476,11 +476,11 @@ def test_token_url_must_be_https_or_allowlisted_loopback(app_config, url, allowl
 
 
 def test_token_request_to_a_refused_address_is_not_made(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
     """An https URL passes the configuration, but the guard checks the host's addresses before
     each request: loopback that OAUTH_HOST_ALLOWLIST does not cover is refused, unasked."""
-    client = make_app(OAUTH_MICROSOFT_TOKEN_URL="https://[::1]:9/{tenant}/token").test_client()
+    client = oauth_app(OAUTH_MICROSOFT_TOKEN_URL="https://[::1]:9/{tenant}/token").test_client()
     url = start(client, tokens, mailbox_server).get_json()["authorizationUrl"]
     answer = client.get("/api/smtp/oauth/callback", query_string=authority.consent(url))
     assert answer.status_code == 502
@@ -488,11 +488,11 @@ def test_token_request_to_a_refused_address_is_not_made(
 
 
 def test_a_slow_token_endpoint_is_bounded_by_the_send_deadline(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
     """A refresh is one stage of the send: it gets what is left of SMTP_DEADLINE, not more
     (the answer is a temporary auth failure instead of a late delivery)."""
-    client = make_app(SMTP_POOL_SIZE="0", SMTP_DEADLINE="1").test_client()
+    client = oauth_app(SMTP_POOL_SIZE="0", SMTP_DEADLINE="1").test_client()
     sign_in(client, tokens, authority, mailbox_server)
     authority.token_delay = 3.0
     services(client).oauth.clock = lambda: time.time() + 3600  # the cached token is old

@@ -21,13 +21,13 @@ def test_xoauth2_response_is_the_providers_format():
 
 
 def test_two_workers_refreshing_at_once_keep_the_newest_refresh_token(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
     """Two workers (two apps on one data folder and database, each with its own token cache)
     renew at the same moment, against a provider that spends a refresh token on first use:
     the account's refresh lock makes the second read the token the first saved, so neither
     is refused and the file ends with the newest one."""
-    first, second = make_app(), make_app()
+    first, second = oauth_app(), oauth_app()
     sign_in(first.test_client(), tokens, authority, mailbox_server)
     login = services(first.test_client()).settings.load("acct-a").endpoint.oauth
     authority.token_delay = 0.3  # both requests would be in flight together without the lock
@@ -57,11 +57,11 @@ def test_two_workers_refreshing_at_once_keep_the_newest_refresh_token(
 
 
 def test_a_new_sign_in_wins_over_a_refresh_that_ran_meanwhile(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
     """A rotated refresh token is saved only while the file still holds the sign-in it came
     from (compare-and-swap): a sign-in saved in between is not overwritten."""
-    app = make_app()
+    app = oauth_app()
     client = app.test_client()
     sign_in(client, tokens, authority, mailbox_server)
     settings = services(client).settings
@@ -76,12 +76,12 @@ def test_a_new_sign_in_wins_over_a_refresh_that_ran_meanwhile(
 
 
 def test_long_access_tokens_go_after_the_servers_challenge(
-    make_app, tokens, authority, mailbox_server
+    oauth_app, tokens, authority, mailbox_server
 ):
     """Microsoft's access tokens run to kilobytes: the response goes on its own line after
     AUTH XOAUTH2's empty challenge (RFC 4954 section 4), not on the command line."""
     authority.token_length = 1500
-    client = make_app().test_client()
+    client = oauth_app().test_client()
     sign_in(client, tokens, authority, mailbox_server)
     assert send(client, tokens).status_code == 200
     [(user, token, ok)] = mailbox_server.handler.attempts
@@ -89,10 +89,10 @@ def test_long_access_tokens_go_after_the_servers_challenge(
 
 
 def test_rotate_key_reencrypts_oauth_secrets(
-    make_app, app_config, tokens, authority, mailbox_server
+    oauth_app, app_config, tokens, authority, mailbox_server
 ):
     old_key = app_config["SMTP_ENCRYPTION_KEYS"]
-    client = make_app().test_client()
+    client = oauth_app().test_client()
     sign_in(client, tokens, authority, mailbox_server)
     authority.apps[("contoso.onmicrosoft.com", "app-1")] = ("app-secret-rotate-1", {MAILBOX})
     body = {
@@ -108,7 +108,7 @@ def test_rotate_key_reencrypts_oauth_secrets(
     saved = client.post("/api/smtp/settings", json=body, headers=tokens.headers("acct-b"))
     assert saved.status_code == 200
     before = {a: settings_file(client, a) for a in ("acct-a", "acct-b")}
-    rotated = make_app(SMTP_ENCRYPTION_KEYS=f"{new_key()},{old_key}")
+    rotated = oauth_app(SMTP_ENCRYPTION_KEYS=f"{new_key()},{old_key}")
     result = rotated.test_cli_runner().invoke(args=["smtp", "rotate-key"])
     assert result.exit_code == 0, result.output
     box = rotated.extensions["smtp_service"].box
