@@ -22,6 +22,7 @@ from smtp_service.services.devmailbox import CatcherAddress
 from smtp_service.services.health import CircuitBreaker
 from smtp_service.services.mailer import Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
+from smtp_service.services.oauth import OAuthService, providers_from_config
 from smtp_service.services.pool import TransportPool
 from smtp_service.services.readiness import Readiness
 from smtp_service.services.records import MessageRecords
@@ -40,6 +41,7 @@ from smtp_service.storage.files import AccountFiles
 from smtp_service.storage.health import HealthStore
 from smtp_service.storage.idempotency import IdempotencyStore
 from smtp_service.storage.messages import MessageLog
+from smtp_service.storage.oauth_states import OAuthStates
 from smtp_service.storage.refusals import RefusalBoard
 from smtp_service.storage.send_rate import SendCounters
 from smtp_service.storage.suppressions import SuppressionList
@@ -119,12 +121,27 @@ class Services:
             self.database,
             hashlib.sha256(b"smtp-service message cursor:" + keys[0].encode()).digest(),
         )
+        # OAuth2 sign-in (XOAUTH2): its state is signed with a key derived from the encryption
+        # key, like the pixels; its endpoints are checked by a guard with their own allowlist.
+        self.oauth = OAuthService(
+            settings=self.settings,
+            states=OAuthStates(self.database),
+            box=self.box,
+            providers=providers_from_config(config),
+            guard=HostGuard(tuple(config["OAUTH_HOST_ALLOWLIST"])),
+            public_base_url=config["PUBLIC_BASE_URL"],
+            state_secret=hashlib.sha256(b"smtp-service oauth state:" + keys[0].encode()).digest(),
+            state_seconds=config["OAUTH_STATE_SECONDS"],
+            http_timeout=config["OAUTH_HTTP_TIMEOUT"],
+        )
+        self.settings.tokens = self.oauth
         self.pool = TransportPool(
             functools.partial(
                 connect,
                 timeouts=self.timeouts,
                 guard=self.guard,
                 ehlo_name=config["SMTP_EHLO_NAME"],
+                tokens=self.oauth,
             ),
             size=config["SMTP_POOL_SIZE"],
             max_messages=config["SMTP_POOL_MAX_MESSAGES"],
@@ -193,8 +210,10 @@ class Services:
 
     def _settings_changed(self, account_id: str) -> None:
         """An account's settings were saved or deleted: its pooled connections and its old
-        server's health record and circuit go."""
+        server's health record and circuit, and its cached access tokens, go (other workers
+        notice the changed file on their next send)."""
         self.pool.forget(account_id)
+        self.oauth.forget(account_id)
         try:
             self.breaker.forget(account_id)
         except Exception as exc:  # noqa: BLE001 - the settings are saved; a record may linger
@@ -322,6 +341,7 @@ def register_blueprints(app: Flask) -> None:
         dev,
         health,
         messages,
+        oauth,
         openapi,
         operations,
         senders,
@@ -329,7 +349,7 @@ def register_blueprints(app: Flask) -> None:
         tracking,
     )
 
-    for module in (health, openapi, settings, messages, senders, tracking):
+    for module in (health, openapi, settings, oauth, messages, senders, tracking):
         app.register_blueprint(module.bp)
     operations.register(app)
     if app.config.get("DEV_MAIL_CATCHER") is not None:  # only while make run's catcher runs

@@ -77,17 +77,18 @@ def _list(env: Mapping[str, str], name: str) -> list[str]:
     return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
 
 
-def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
+def _allowlist(env: Mapping[str, str], name: str = "SMTP_HOST_ALLOWLIST") -> tuple[str, ...]:
+    """Host names and CIDRs (SMTP_HOST_ALLOWLIST, OAUTH_HOST_ALLOWLIST)."""
     entries = []
-    for item in _list(env, "SMTP_HOST_ALLOWLIST"):
+    for item in _list(env, name):
         if "/" in item:
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
-                raise ConfigError(f"SMTP_HOST_ALLOWLIST has an invalid CIDR {item!r}") from None
+                raise ConfigError(f"{name} has an invalid CIDR {item!r}") from None
             entries.append(item.lower())
         else:  # in the form hosts are compared in: "Bücher.example." is xn--bcher-kva.example
-            entries.append(_host(item, "SMTP_HOST_ALLOWLIST entry"))
+            entries.append(_host(item, f"{name} entry"))
     return tuple(entries)
 
 
@@ -178,6 +179,79 @@ def _token_keys(
     except SigningKeyError as exc:
         raise ConfigError(f"{name} {exc}") from None
     return keys.algorithm, keys, text
+
+
+# The providers' own endpoints (https). Microsoft's {tenant} is filled in per request:
+# "organizations" for delegated sign-in (work and school accounts, what Microsoft 365 is), the
+# account's tenantId for app-only client credentials.
+OAUTH_DEFAULTS = {
+    "MICROSOFT": (
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+    ),
+    "GOOGLE": (
+        "https://accounts.google.com/o/oauth2/v2/auth",
+        "https://oauth2.googleapis.com/token",
+    ),
+}
+
+
+def _oauth_url(env: Mapping[str, str], name: str, default: str, allowlist: tuple[str, ...]) -> str:
+    """An OAuth2 endpoint URL: https, or http only to a loopback host OAUTH_HOST_ALLOWLIST
+    names or covers (a test server). The address is checked again before each request
+    (services.oauth)."""
+    from urllib.parse import urlsplit
+
+    url = env.get(name, "").strip() or default
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        raise ConfigError(f"{name} is not a URL: {url!r}") from None
+    if parts.scheme not in ("https", "http") or not host or parts.username or parts.password:
+        raise ConfigError(f"{name} must be an https:// URL without credentials, not {url!r}")
+    if parts.scheme == "http" and not _allowlisted(host, allowlist):
+        raise ConfigError(
+            f"{name} must be https:// (http only to a loopback host OAUTH_HOST_ALLOWLIST names)"
+        )
+    return url
+
+
+def _allowlisted(host: str, allowlist: tuple[str, ...]) -> bool:
+    """True for a loopback host (an address, or "localhost") that the allowlist names or
+    covers: the only hosts an http:// OAuth2 URL may name."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        name = _host(host, "OAuth2 URL host")
+        return name == "localhost" and name in allowlist
+    return ip.is_loopback and any(
+        "/" in entry
+        and ip.version == ipaddress.ip_network(entry, strict=False).version
+        and ip in ipaddress.ip_network(entry, strict=False)
+        for entry in allowlist
+    )
+
+
+def _oauth(env: Mapping[str, str]) -> dict[str, Any]:
+    """OAUTH_{MICROSOFT,GOOGLE}_{CLIENT_ID,CLIENT_SECRET,AUTHORIZE_URL,TOKEN_URL}, the allowlist
+    and OAUTH_HTTP_TIMEOUT (seconds per token request)."""
+    # names or CIDRs whose non-public addresses the OAuth2 endpoints may use (loopback in
+    # tests, an internal proxy)
+    allowlist = _allowlist(env, "OAUTH_HOST_ALLOWLIST")
+    config: dict[str, Any] = {"OAUTH_HOST_ALLOWLIST": allowlist}
+    for provider, (authorize, token) in OAUTH_DEFAULTS.items():
+        prefix = f"OAUTH_{provider}_"
+        config[prefix + "CLIENT_ID"] = env.get(prefix + "CLIENT_ID", "").strip() or None
+        config[prefix + "CLIENT_SECRET"] = env.get(prefix + "CLIENT_SECRET", "").strip() or None
+        config[prefix + "AUTHORIZE_URL"] = _oauth_url(
+            env, prefix + "AUTHORIZE_URL", authorize, allowlist
+        )
+        config[prefix + "TOKEN_URL"] = _oauth_url(env, prefix + "TOKEN_URL", token, allowlist)
+    config["OAUTH_HTTP_TIMEOUT"] = _float(env, "OAUTH_HTTP_TIMEOUT", 10.0, 0.1, 120.0)
+    config["OAUTH_STATE_SECONDS"] = _int(env, "OAUTH_STATE_SECONDS", 600, 10, 86400)
+    return config
 
 
 def _log_level(env: Mapping[str, str]) -> str:
@@ -406,4 +480,5 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "RATELIMIT_STORAGE_URI": _limiter_storage(env),
         "RATELIMIT_KEY_PREFIX": env.get("RATELIMIT_KEY_PREFIX", "").strip() or "smtp-service",
         "SEND_RATE_LIMIT": _send_rate(env),
+        **_oauth(env),
     }

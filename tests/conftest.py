@@ -138,6 +138,43 @@ def app(app_config):
 
 
 @pytest.fixture
+def authority():
+    """A real OAuth2 authorization server on loopback (tests/oauth_server.py)."""
+    from tests.oauth_server import AuthorizationServer
+
+    server = AuthorizationServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mailbox_server(server_tls, authority):
+    """A STARTTLS SMTP server that takes AUTH XOAUTH2 only with a token `authority` issued."""
+    from tests.oauth_server import xoauth2_smtp
+
+    server = xoauth2_smtp(server_tls, authority)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def oauth_app(app_config, authority, mailbox_server):
+    """Apps with OAuth2 pointed at `authority` (overrides: more config); torn down before the
+    servers, so pooled connections QUIT while they still listen."""
+    made = []
+
+    def _make(**overrides: str):
+        app = create_app({**app_config, **authority.config(), **overrides})
+        made.append(app)
+        return app
+
+    yield _make
+    for app in made:
+        app.extensions["smtp_service"].pool.close_all()
+        app.extensions["smtp_service"].database.dispose()
+
+
+@pytest.fixture
 def client(app):
     return app.test_client()
 

@@ -105,7 +105,7 @@ ResponseDoc = type[Schema] | tuple[type[Schema], ...] | str | None
 def documented(
     summary: str,
     *,
-    body: type[Schema] | None = None,
+    body: type[Schema] | tuple[type[Schema], ...] | None = None,
     query: type[Schema] | None = None,
     responses: dict[int, ResponseDoc],
     auth: bool = True,

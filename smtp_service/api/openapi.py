@@ -74,16 +74,23 @@ def build_spec(app: Flask) -> dict[str, Any]:
     registered = set()
     for _rule, docs in documented_rules:
         for doc in docs.values():
-            body = doc["body"]
-            if body is not None and hasattr(body, "OPENAPI") and body not in registered:
-                registered.add(body)
-                name = marshmallow.schema_name_resolver(body)
-                spec.components.schema(name, copy.deepcopy(body.OPENAPI), schema=body)
+            for body in _bodies(doc["body"]):
+                if hasattr(body, "OPENAPI") and body not in registered:
+                    registered.add(body)
+                    name = marshmallow.schema_name_resolver(body)
+                    spec.components.schema(name, copy.deepcopy(body.OPENAPI), schema=body)
     for rule, docs in documented_rules:
         arguments = _path_arguments(rule)
         operations = {method: _operation(doc, arguments) for method, doc in docs.items()}
         spec.path(path=_RULE_ARGUMENT.sub(r"{\2}", rule), operations=operations)
     return spec.to_dict()
+
+
+def _bodies(body: Any) -> tuple[Any, ...]:
+    """The request schemas a view takes: none, one, or several (any of them)."""
+    if body is None:
+        return ()
+    return body if isinstance(body, tuple) else (body,)
 
 
 def _field_openapi(_converter: Any, field: Any, **_kwargs: Any) -> dict[str, Any]:
@@ -125,6 +132,11 @@ def _content(answer: Any) -> dict[str, Any] | None:
     return {"application/json": {"schema": answer}}
 
 
+def _content_schema(schemas: Any) -> Any:
+    """One schema, or several as anyOf (a body of either form)."""
+    return {"anyOf": list(schemas)} if isinstance(schemas, tuple) else schemas
+
+
 def _operation(doc: dict[str, Any], arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:
     operation: dict[str, Any] = {"summary": doc["summary"], "responses": {}}
     answers = {**_implied_responses(doc, bool(arguments)), **doc["responses"]}
@@ -137,7 +149,7 @@ def _operation(doc: dict[str, Any], arguments: dict[str, dict[str, Any]]) -> dic
     if doc["body"] is not None:
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": doc["body"]}},
+            "content": {"application/json": {"schema": _content_schema(doc["body"])}},
         }
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": schema}

@@ -10,20 +10,25 @@ from smtp_service.api import answer, documented, json_body, services
 from smtp_service.api.request_limits import smtp_test_limit
 from smtp_service.auth import current_caller
 from smtp_service.schemas import (
+    ConnectionTestInput,
     ConnectionTestResponse,
     ErrorResponse,
     MessageResponse,
+    OAuthSettingsInput,
+    SavedOAuthTestInput,
     SaveSettingsResponse,
+    SettingsInput,
     SmtpHealthResponse,
     SmtpSettingsInput,
     SmtpSettingsView,
 )
-from smtp_service.services.transport import TransportError
+from smtp_service.services.transport import SmtpEndpoint, TransportError
 
 bp = Blueprint("settings", __name__, url_prefix="/api/smtp")
 
 _AUTH_ERRORS = {401: ErrorResponse}
-_SETTINGS_INPUT = SmtpSettingsInput()
+_SETTINGS_INPUT = SettingsInput()  # the password form, or "auth": "oauth2" client credentials
+_TEST_INPUT = ConnectionTestInput()
 _VIEW = SmtpSettingsView()
 _SAVED = SaveSettingsResponse()
 _MESSAGE = MessageResponse()
@@ -43,8 +48,8 @@ class SettingsResource(MethodView):
         return answer(_VIEW, services().settings.active(caller.account_id))
 
     @documented(
-        "Save the account's SMTP settings",
-        body=SmtpSettingsInput,
+        "Save the account's SMTP settings (a password, or Microsoft app-only OAuth2)",
+        body=(SmtpSettingsInput, OAuthSettingsInput),
         responses={
             200: SaveSettingsResponse,
             400: ErrorResponse,
@@ -55,8 +60,11 @@ class SettingsResource(MethodView):
     )
     def post(self):
         caller = current_caller()
-        endpoint = json_body(_SETTINGS_INPUT)
-        saved = services().settings.save(caller.account_id, caller.user_id, endpoint)
+        given = json_body(_SETTINGS_INPUT)
+        if isinstance(given, SmtpEndpoint):
+            saved = services().settings.save(caller.account_id, caller.user_id, given)
+        else:  # Microsoft client credentials (OAuthSettingsInput)
+            saved = services().oauth.save_app_only(caller.account_id, caller.user_id, given)
         return answer(_SAVED, {"message": "SMTP settings saved successfully", "settings": saved})
 
     @documented(
@@ -72,8 +80,9 @@ class SettingsResource(MethodView):
 
 @bp.post("/test")
 @documented(
-    "Test a connection with the given settings (nothing is saved)",
-    body=SmtpSettingsInput,
+    "Test a connection with the given settings (nothing is saved), or the saved OAuth2 "
+    "sign-in ({\"auth\": \"oauth2\"})",
+    body=(SmtpSettingsInput, OAuthSettingsInput, SavedOAuthTestInput),
     responses={
         200: ConnectionTestResponse,
         400: (ConnectionTestResponse, ErrorResponse),  # the test failed, or the body did
@@ -86,14 +95,19 @@ class SettingsResource(MethodView):
 def test_connection():
     """POST /api/smtp/test; at most SMTP_TEST_RATE_LIMIT per account (429, Retry-After)."""
     caller = current_caller()
-    endpoint = json_body(_SETTINGS_INPUT)
+    given = json_body(_TEST_INPUT)
     try:  # counted once the body is valid: a refused body never connects anywhere
         with smtp_test_limit():
             pass
     except RateLimitExceeded as exc:
         return exc.get_response()
     try:
-        found = services().settings.test(endpoint, caller.account_id)
+        if isinstance(given, SmtpEndpoint):
+            found = services().settings.test(given, caller.account_id)
+        elif set(given) == {"auth"}:  # the saved OAuth2 sign-in
+            found = services().settings.test_saved_oauth(caller.account_id)
+        else:  # unsaved Microsoft client credentials
+            found = services().oauth.test_app_only(caller.account_id, given)
     except TransportError as exc:
         failed = {"success": False, "error": f"SMTP connection test failed: {exc.text}"}
         return answer(_TESTED, failed, 400)

@@ -17,7 +17,7 @@ from smtp_service.schemas.fields import (
     StrictBoolean,
     StrictInteger,
 )
-from smtp_service.schemas.stored import MAX_CONNECTIONS
+from smtp_service.schemas.stored import MAX_CONNECTIONS, OAUTH_PROVIDERS
 from smtp_service.services import domain
 from smtp_service.services.addresses import MAX_ADDRESS_LIST_LENGTH, MAX_MAILBOX_LENGTH
 from smtp_service.services.compose import attachment_type_problem
@@ -114,6 +114,128 @@ class SmtpSettingsInput(Schema):
             failover=data["failover"],
             rate_limit=data["rateLimit"],
         )
+
+
+# -- OAuth2 ------------------------------------------------------------------------------------
+
+# A Microsoft tenant: its GUID or one of its domains (contoso.onmicrosoft.com); it becomes part
+# of the token URL's path, so nothing else (no "/", "?", "%") gets through.
+_TENANT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _server_fields() -> dict[str, fields.Field]:
+    """host, port, secure, requireTls: optional, the provider's submission server by default."""
+    return {
+        "host": HostName(
+            load_default=None,
+            metadata={"example": "smtp.office365.com", "description": "Default: the provider's "
+                      "submission server (smtp.office365.com, smtp.gmail.com)."},
+        ),
+        "port": StrictInteger(
+            load_default=None, validate=validate.Range(min=1, max=65535),
+            metadata={"example": 587, "description": "Default: 587."},
+        ),
+        "secure": StrictBoolean(load_default=None, metadata={"example": False}),
+        "requireTls": StrictBoolean(load_default=True, metadata={"example": True}),
+    }
+
+
+class OAuthStartInput(Schema.from_dict(_server_fields())):  # type: ignore[misc]
+    """POST /api/smtp/oauth/start: which provider and mailbox to sign in."""
+
+    provider = fields.String(
+        required=True,
+        validate=validate.OneOf(OAUTH_PROVIDERS),
+        metadata={"example": "microsoft"},
+    )
+    user = NonEmptyString(
+        required=True,
+        validate=[validate.Length(max=320), _no_line_breaks],
+        metadata={"example": "mailbox@contoso.com", "description": "The mailbox to send as."},
+    )
+
+    @pre_load
+    def _trim_host(self, data: Any, **_kwargs: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("host"), str):
+            data = {**data, "host": data["host"].strip()}
+        return data
+
+
+_APP_ONLY = (
+    "App-only sign-in (client credentials) is Microsoft's; a Google Workspace mailbox signs "
+    "in with POST /api/smtp/oauth/start"
+)
+
+
+class OAuthSettingsInput(Schema.from_dict(_server_fields())):  # type: ignore[misc]
+    """POST /api/smtp/settings and POST /api/smtp/test with "auth": "oauth2": Microsoft
+    app-only sign-in (client credentials). Loads to a dict of the fields."""
+
+    auth = fields.String(required=True, validate=validate.Equal("oauth2"))
+    provider = fields.String(required=True, validate=validate.Equal("microsoft", error=_APP_ONLY))
+    user = NonEmptyString(
+        required=True,
+        validate=[validate.Length(max=320), _no_line_breaks],
+        metadata={"example": "mailbox@contoso.com"},
+    )
+    tenantId = fields.String(
+        required=True,
+        validate=validate.Regexp(_TENANT, error="Must be a tenant id (GUID) or domain."),
+        metadata={"example": "contoso.onmicrosoft.com"},
+    )
+    clientId = fields.String(
+        required=True,
+        validate=validate.Regexp(_CLIENT_ID, error="Must be an application (client) id."),
+        metadata={"example": "00000000-0000-0000-0000-000000000000"},
+    )
+    clientSecret = NonEmptyString(
+        required=True,
+        validate=[validate.Length(max=1024), _no_line_breaks],
+        metadata={"example": "client-secret", "description": "Stored encrypted; never shown."},
+    )
+    maxConnections = StrictInteger(
+        load_default=None, validate=validate.Range(min=1, max=MAX_CONNECTIONS)
+    )
+
+    @pre_load
+    def _trim_host(self, data: Any, **_kwargs: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("host"), str):
+            data = {**data, "host": data["host"].strip()}
+        return data
+
+
+class SavedOAuthTestInput(Schema):
+    """POST /api/smtp/test {"auth": "oauth2"}: test the account's saved OAuth2 sign-in."""
+
+    auth = fields.String(required=True, validate=validate.Equal("oauth2"))
+
+
+_PASSWORD_SETTINGS = SmtpSettingsInput()
+_OAUTH_SETTINGS = OAuthSettingsInput()
+_SAVED_OAUTH_TEST = SavedOAuthTestInput()
+
+
+class SettingsInput(SmtpSettingsInput):
+    """POST /api/smtp/settings: the password form (an SmtpEndpoint, the spec's contract) or,
+    with "auth": "oauth2", Microsoft client credentials (a dict, OAuthSettingsInput)."""
+
+    def load(self, data: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """OAuthSettingsInput's load for "auth": "oauth2", else SmtpSettingsInput's."""
+        if isinstance(data, dict) and data.get("auth") == "oauth2":
+            return _OAUTH_SETTINGS.load(data, **kwargs)
+        return _PASSWORD_SETTINGS.load(data, **kwargs)
+
+
+class ConnectionTestInput(SettingsInput):
+    """POST /api/smtp/test: as SettingsInput, and {"auth": "oauth2"} alone tests the saved
+    OAuth2 sign-in (a dict {"auth": "oauth2"})."""
+
+    def load(self, data: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """SavedOAuthTestInput's load for {"auth": "oauth2"} alone, else SettingsInput's."""
+        if isinstance(data, dict) and data.get("auth") == "oauth2" and set(data) == {"auth"}:
+            return _SAVED_OAUTH_TEST.load(data, **kwargs)
+        return super().load(data, **kwargs)
 
 
 # -- sending -------------------------------------------------------------------------------------

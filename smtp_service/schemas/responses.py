@@ -30,7 +30,44 @@ _RATE_LIMIT = (
 )
 
 
-class SmtpSettingsView(Schema):
+_OAUTH_FIELDS = {
+    "auth": "Present for OAuth2 settings: oauth2 (the password form has no such field).",
+    "provider": "OAuth2: microsoft or google.",
+    "grant": "OAuth2: authorization_code (delegated sign-in) or client_credentials (app-only).",
+    "hasRefreshToken": "OAuth2: whether a refresh token is stored (never shown).",
+    "needsReauthorization": "OAuth2: the provider refused the sign-in (consent revoked, "
+    "password changed); sends fail until the account signs in again.",
+    "tenantId": "OAuth2 client credentials: the Microsoft tenant.",
+    "clientId": "OAuth2 client credentials: the application (client) id.",
+    "hasClientSecret": "OAuth2 client credentials: whether a client secret is stored.",
+}
+
+
+def _oauth_fields() -> dict[str, fields.Field]:
+    strings = ("auth", "provider", "grant", "tenantId", "clientId")
+    return {
+        name: (fields.String if name in strings else fields.Boolean)(
+            metadata={"description": text}
+        )
+        for name, text in _OAUTH_FIELDS.items()
+    }
+
+
+def _oauth_view(info: Any) -> dict[str, Any]:
+    """The OAuth2 fields of a view: what the sign-in is, never a token or secret."""
+    view = {
+        "auth": "oauth2",
+        "provider": info.provider,
+        "grant": info.grant,
+        "hasRefreshToken": info.has_refresh_token,
+        "needsReauthorization": info.needs_reauthorization,
+    }
+    if info.grant == "client_credentials":
+        view.update(tenantId=info.tenant_id, clientId=info.client_id, hasClientSecret=True)
+    return view
+
+
+class SmtpSettingsView(Schema.from_dict(_oauth_fields())):  # type: ignore[misc]
     """GET /api/smtp/settings."""
 
     host = fields.String(allow_none=True)
@@ -62,11 +99,13 @@ class SmtpSettingsView(Schema):
             view["failover"] = e.failover
         if e is not None and e.rate_limit is not None:
             view["rateLimit"] = e.rate_limit
+        if active.oauth is not None:
+            view.update(_oauth_view(active.oauth))
         return view
 
 
-class SavedSettings(Schema):
-    """The settings echoed after a save (a StoredSettings): never the password."""
+class SavedSettings(Schema.from_dict(_oauth_fields())):  # type: ignore[misc]
+    """The settings echoed after a save (a StoredSettings): never the password or a token."""
 
     host = fields.String(attribute="endpoint.host")
     port = fields.Integer(attribute="endpoint.port")
@@ -83,11 +122,15 @@ class SavedSettings(Schema):
     updatedAt = fields.String(attribute="updated_at")
     updatedBy = fields.String(attribute="updated_by", allow_none=True)
 
-    @post_dump
-    def _cap_only_when_set(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+    @post_dump(pass_original=True)
+    def _cap_only_when_set(
+        self, data: dict[str, Any], original: Any, **_kwargs: Any
+    ) -> dict[str, Any]:
         for name in ("maxConnections", "failover", "rateLimit"):
             if data.get(name) is None:
                 data.pop(name, None)
+        if getattr(original, "oauth", None) is not None:
+            data.update(_oauth_view(original.oauth))
         return data
 
 
@@ -96,6 +139,21 @@ class SaveSettingsResponse(Schema):
 
     message = fields.String()
     settings = fields.Nested(SavedSettings)
+
+
+class OAuthStartResponse(Schema):
+    """POST /api/smtp/oauth/start."""
+
+    authorizationUrl = fields.String(
+        required=True,
+        metadata={
+            "description": "The provider's sign-in page: send the user there. It returns to "
+            "PUBLIC_BASE_URL/api/smtp/oauth/callback, which saves the settings."
+        },
+    )
+    expiresIn = fields.Integer(
+        metadata={"description": "Seconds the link may be used in (once)."}
+    )
 
 
 class MessageResponse(Schema):
@@ -177,6 +235,13 @@ class SmtpHealthResponse(Schema):
         metadata={"description": "whether a failure of the account's own server fails over"}
     )
     windowSeconds = fields.Integer(attribute="window_seconds")
+    needsReauthorization = fields.Boolean(
+        attribute="needs_reauthorization",
+        metadata={
+            "description": "the account's OAuth2 grant was refused (consent revoked, password "
+            "changed): it must sign in again (POST /api/smtp/oauth/start)"
+        },
+    )
     custom = fields.Nested(
         TransportHealth,
         attribute="transports.custom",

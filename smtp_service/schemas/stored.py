@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, fields, post_load, validate
+from marshmallow import Schema, ValidationError, fields, post_load, validate
 
 from smtp_service.schemas.fields import (
     HostName,
@@ -89,6 +89,53 @@ class StoredSmtpSettings(Schema):
 
     @post_load
     def _defaults(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        secure = bool(data["secure"]) or data["port"] == IMPLICIT_TLS_PORT
+        require_tls = True if data["requireTls"] is None else data["requireTls"]
+        return {**data, "secure": secure, "requireTls": require_tls}
+
+
+OAUTH_PROVIDERS = ("microsoft", "google")
+OAUTH_GRANTS = ("authorization_code", "client_credentials")
+
+
+class StoredOAuthSettings(Schema):
+    """smtp-settings.json of an account that signs in with OAuth2 (`"auth": "oauth2"`).
+
+    Loads to {auth, provider, grant, grantId, host, port, secure, user, requireTls,
+    maxConnections, refreshToken (ciphertext, delegated sign-in), tenantId, clientId,
+    clientSecret (ciphertext, client credentials), needsReauthorization, updatedAt, updatedBy}.
+    `grantId` names one sign-in: a new sign-in gets a new one, a rotated refresh token keeps it.
+    """
+
+    auth = fields.String(required=True, validate=validate.Equal("oauth2"))
+    provider = fields.String(required=True, validate=validate.OneOf(OAUTH_PROVIDERS))
+    grant = fields.String(required=True, validate=validate.OneOf(OAUTH_GRANTS))
+    grantId = NonEmptyString(required=True)
+    host = HostName(required=True)
+    port = LegacyPort(required=True, validate=validate.Range(min=1, max=65535))
+    secure = LegacyBoolean(load_default=None)
+    user = NonEmptyString(required=True)
+    requireTls = LegacyBoolean(load_default=None)
+    maxConnections = StrictInteger(
+        load_default=None, allow_none=True, validate=validate.Range(min=1, max=MAX_CONNECTIONS)
+    )
+    refreshToken = NonEmptyString(load_default=None, allow_none=True)
+    tenantId = NonEmptyString(load_default=None, allow_none=True)
+    clientId = NonEmptyString(load_default=None, allow_none=True)
+    clientSecret = NonEmptyString(load_default=None, allow_none=True)
+    needsReauthorization = fields.Boolean(load_default=False)
+    updatedAt = fields.String(load_default=None)
+    updatedBy = fields.String(load_default=None, allow_none=True)
+
+    class Meta:
+        unknown = "exclude"
+
+    @post_load
+    def _defaults(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        if data["grant"] == "client_credentials" and not (
+            data["tenantId"] and data["clientId"] and data["clientSecret"]
+        ):
+            raise ValidationError("client credentials need tenantId, clientId, clientSecret")
         secure = bool(data["secure"]) or data["port"] == IMPLICIT_TLS_PORT
         require_tls = True if data["requireTls"] is None else data["requireTls"]
         return {**data, "secure": secure, "requireTls": require_tls}

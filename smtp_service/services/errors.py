@@ -167,3 +167,34 @@ class SendRateLimited(DomainError):
         )
         self.retry_after = retry_after
         self.rate = rate
+
+
+class OAuthNotConfigured(DomainError):
+    """OAuth2 sign-in with this provider cannot start: the operator configured no application
+    for it (OAUTH_<PROVIDER>_CLIENT_ID) or no PUBLIC_BASE_URL for the callback."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"OAuth2 sign-in is not configured: {what}")
+
+
+class OAuthStateInvalid(DomainError):
+    """The callback's `state` is not one this service issued, has expired or was used."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The OAuth2 sign-in link is invalid, expired or was already used; "
+            "start the sign-in again"
+        )
+
+
+class OAuthSignInFailed(DomainError):
+    """The provider did not authorize the sign-in or refused its code; `reason` is the OAuth2
+    error code (RFC 6749 sections 4.1.2.1 and 5.2), never a token."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"OAuth2 sign-in failed: {reason}")
+        self.reason = reason
+
+
+class OAuthProviderUnavailable(OAuthSignInFailed):
+    """The provider's token endpoint could not be reached or answered with a server error."""

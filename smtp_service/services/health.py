@@ -285,12 +285,14 @@ class TransportReport:
 @dataclass(frozen=True)
 class AccountHealth:
     """An account's SMTP health: the transport its mail goes through now, whether it fails
-    over, and each transport's report."""
+    over, each transport's report, and whether its OAuth2 grant was refused (it must sign in
+    again before its own server can be used)."""
 
     transport: str
     failover: bool
     transports: dict[str, TransportReport]
     window_seconds: int = LATENCY_WINDOW_SECONDS
+    needs_reauthorization: bool = False
 
 
 __all__ = [

@@ -779,7 +779,8 @@ class Mailer:
     def health(self, account_id: str) -> AccountHealth:
         """The account's SMTP health (services.health.AccountHealth): the transport its mail
         goes through now, whether it fails over, and per transport the circuit, consecutive
-        failures, last success and failure, and send latency p50/p95 of the last hour."""
+        failures, last success and failure, and send latency p50/p95 of the last hour; and
+        whether the account's OAuth2 grant was refused (needs_reauthorization)."""
         active = self.settings.active(account_id)
         g = self.settings.global_endpoint
         servers: dict[str, str | None] = {GLOBAL: f"{g.host}:{g.port}" if g else None}
@@ -791,6 +792,7 @@ class Mailer:
             transport=GLOBAL if active.is_global else CUSTOM,
             failover=active.failover and not active.is_global,
             transports=self.breaker.report(account_id, servers),
+            needs_reauthorization=active.oauth is not None and active.oauth.needs_reauthorization,
         )
 
     # -- tracking ---------------------------------------------------------------------------

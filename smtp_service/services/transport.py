@@ -17,6 +17,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from smtp_service.services.netguard import HostGuard, HostRefused, HostUnresolved
 
@@ -49,6 +50,45 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class OAuthLogin:
+    """Whose OAuth2 grant gives the access tokens a connection signs in with (SASL XOAUTH2).
+
+    `grant` is "authorization_code" (delegated: the refresh token stored for `account_id`) or
+    "client_credentials" (app-only, Microsoft: `tenant_id`, `client_id`, `client_secret`).
+    Compared by value, so a pooled connection stays the account's while its grant is the same:
+    a new access token never retires a connection that signed in with an older one."""
+
+    account_id: str
+    provider: str  # "microsoft" or "google"
+    grant: str = "authorization_code"
+    grant_id: str = ""  # one sign-in: a new sign-in is a new login (and new connections)
+    # The provider refused the grant: no token is asked for until the account signs in again
+    needs_reauthorization: bool = False
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+
+
+# What a send answers while an account's OAuth2 grant is refused (services.oauth raises it too).
+REAUTHORIZE_TEXT = (
+    "Authentication failed: the OAuth2 provider refused to renew the sign-in (invalid_grant: "
+    "consent revoked, password changed or the grant expired); the account needs "
+    "reauthorization (POST /api/smtp/oauth/start)"
+)
+
+
+class AccessTokens(Protocol):
+    """Where connections get OAuth2 access tokens (services.oauth.OAuthService)."""
+
+    def access_token(
+        self, login: OAuthLogin, *, renew: bool = False, deadline: float | None = None
+    ) -> Secret:
+        """A currently valid access token for `login` (cached; `renew` fetches a new one),
+        within `deadline` (time.monotonic() seconds, None: none). Raises TransportError of kind
+        "auth" when none can be had, "timeout" past the deadline (no secret in its text)."""
+
+
+@dataclass(frozen=True)
 class SmtpEndpoint:
     """Where and how to connect: one account's server or the global one."""
 
@@ -68,6 +108,8 @@ class SmtpEndpoint:
     # The account's send rate limit (settings' rateLimit, services.send_rate's syntax; None:
     # SEND_RATE_LIMIT). An account's policy carried with its settings, like max_connections.
     rate_limit: str | None = field(default=None, compare=False)
+    # OAuth2 (SASL XOAUTH2) instead of a password: whose grant gives the access tokens.
+    oauth: OAuthLogin | None = None
 
 
 # Kinds of failure a later retry can get past as they are (the server or network may recover);
@@ -388,6 +430,7 @@ def connect(
     timeouts: Timeouts | None = None,
     timeout: float | None = None,
     ehlo_name: str = DEFAULT_EHLO_NAME,
+    tokens: AccessTokens | None = None,
 ) -> BoundedSMTP:
     """An open connection, encrypted where possible, authenticated where the server offers
     AUTH; raises TransportError (its text holds no secret).
@@ -404,12 +447,17 @@ def connect(
     AUTH (RFC 4954): once, with the best mechanism offered (_login). A server that offers no
     AUTH at all, such as a relay that trusts the client's address, gets none and the message
     goes without it (as Nodemailer sends); the connection's `authenticated` says which.
+    An endpoint with `oauth` signs in with SASL XOAUTH2 and an access token from `tokens`
+    (_xoauth2_login: a 535 to a cached token gets one new token and one more try).
     """
     if timeouts is None:
         timeouts = Timeouts() if timeout is None else Timeouts.uniform(timeout)
     conn: BoundedSMTP | None = None
     try:
         pinned = guard.addresses(endpoint.host, endpoint.port, trusted=endpoint.trusted)
+        if endpoint.oauth is not None and endpoint.oauth.needs_reauthorization:
+            # the provider refused the grant: no connection can sign in, so none is opened
+            raise TransportError("auth", REAUTHORIZE_TEXT)
         context = tls_context()
         if endpoint.secure:
             conn = _PinnedSMTPSSL(
@@ -431,7 +479,10 @@ def connect(
                     f"Server {endpoint.host}:{endpoint.port} does not offer STARTTLS "
                     "and TLS is required; no credentials were sent",
                 )
-        if endpoint.user and endpoint.password and conn.has_extn("auth"):
+        if endpoint.oauth is not None and endpoint.user and conn.has_extn("auth"):
+            _xoauth2_login(conn, endpoint.user, endpoint.oauth, tokens)
+            conn.authenticated = True
+        elif endpoint.user and endpoint.password and conn.has_extn("auth"):
             _login(conn, endpoint.user, endpoint.password.reveal())
             conn.authenticated = True
         return conn
@@ -460,6 +511,18 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _auth_with_response(conn: BoundedSMTP, mechanism: str, response: str) -> tuple[int, bytes]:
+    """AUTH `mechanism` with its client response (base64): on the command line when it is
+    short, else after the server's empty challenge (RFC 4954 section 4: some servers limit a
+    command line to 512 octets). The server's reply (code, text) to the response."""
+    if len(response) <= _INITIAL_RESPONSE_LIMIT:
+        return conn.docmd("AUTH", f"{mechanism} {response}")
+    code, reply = conn.docmd("AUTH", mechanism)
+    if code == 334:
+        code, reply = conn.docmd(response)
+    return code, reply
+
+
 def _login(conn: BoundedSMTP, user: str, password: str) -> None:
     """AUTH once, with the best mechanism the server offers (RFC 4954): PLAIN (RFC 4616),
     else LOGIN; user name and password in UTF-8 either way (as Nodemailer sends them and
@@ -472,12 +535,7 @@ def _login(conn: BoundedSMTP, user: str, password: str) -> None:
     offered = conn.esmtp_features.get("auth", "").upper().split()
     if "PLAIN" in offered:
         token = _b64(b"\0" + user.encode() + b"\0" + password.encode())
-        if len(token) <= _INITIAL_RESPONSE_LIMIT:
-            code, reply = conn.docmd("AUTH", "PLAIN " + token)
-        else:
-            code, reply = conn.docmd("AUTH", "PLAIN")
-            if code == 334:
-                code, reply = conn.docmd(token)
+        code, reply = _auth_with_response(conn, "PLAIN", token)
     elif "LOGIN" in offered:
         code, reply = conn.docmd("AUTH", "LOGIN")
         if code == 334:
@@ -493,6 +551,50 @@ def _login(conn: BoundedSMTP, user: str, password: str) -> None:
         )
     if code == 334:  # yet another challenge: cancel the exchange (RFC 4954 section 4)
         conn.docmd("*")
+    if code != 235:
+        raise smtplib.SMTPAuthenticationError(code, reply)
+
+
+def xoauth2_response(user: str, token: str) -> str:
+    """The SASL XOAUTH2 initial client response, base64 (Google's and Microsoft's format):
+    "user={user}^Aauth=Bearer {token}^A^A"."""
+    return _b64(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+
+
+def _xoauth2(conn: BoundedSMTP, user: str, token: Secret) -> tuple[int, bytes]:
+    """One AUTH XOAUTH2 exchange; the server's final (code, reply). A long response goes after
+    the server's empty challenge (as Microsoft documents it; Gmail takes both). A failure that
+    comes as a 334 with an error (Gmail's base64 JSON) is answered with an empty line, after
+    which the server sends its 535 (Google's XOAUTH2 protocol)."""
+    code, reply = _auth_with_response(conn, "XOAUTH2", xoauth2_response(user, token.reveal()))
+    if code == 334:  # the error challenge: an empty response ends the exchange
+        code, reply = conn.docmd("")
+    return code, reply
+
+
+def _xoauth2_login(
+    conn: BoundedSMTP, user: str, login: OAuthLogin, tokens: AccessTokens | None
+) -> None:
+    """Sign in with SASL XOAUTH2 and an access token of `login`. A 535 to the token (revoked
+    or expired early at the provider) gets one renewed token and one more try on the same
+    connection (RFC 4954 section 4 allows another AUTH after a failed one).
+
+    Raises TransportError ("auth") when the server offers no XOAUTH2 or no token can be had,
+    SMTPAuthenticationError with the server's reply when it refuses the renewed token too."""
+    offered = conn.esmtp_features.get("auth", "").upper().split()
+    if "XOAUTH2" not in offered:
+        mechanisms = " ".join(offered) or "without a mechanism"
+        raise TransportError(
+            "auth",
+            f"Authentication failed (the server offers AUTH {mechanisms}; "
+            "OAuth2 sign-in needs XOAUTH2)",
+        )
+    if tokens is None:
+        raise TransportError("auth", "Authentication failed (OAuth2 sign-in is not available)")
+    code, reply = _xoauth2(conn, user, tokens.access_token(login, deadline=conn.deadline))
+    if code == 535:
+        renewed = tokens.access_token(login, renew=True, deadline=conn.deadline)
+        code, reply = _xoauth2(conn, user, renewed)
     if code != 235:
         raise smtplib.SMTPAuthenticationError(code, reply)
 
@@ -549,14 +651,18 @@ def check_connection(
     timeouts: Timeouts | None = None,
     timeout: float | None = None,
     ehlo_name: str = DEFAULT_EHLO_NAME,
+    tokens: AccessTokens | None = None,
 ) -> ConnectionCheck:
     """Connect, negotiate TLS, authenticate (when the server offers AUTH) and QUIT, all within
     `timeouts.operation` seconds (each stage within its own timeout; `timeout` and `ehlo_name`
-    as for connect()). Raises TransportError on any failure."""
+    as for connect(); `tokens` for an OAuth2 endpoint). Raises TransportError on any
+    failure."""
     if timeouts is None:
         timeouts = Timeouts() if timeout is None else Timeouts.uniform(timeout)
     deadline = time.monotonic() + timeouts.operation
-    conn = connect(endpoint, deadline, guard=guard, timeouts=timeouts, ehlo_name=ehlo_name)
+    conn = connect(
+        endpoint, deadline, guard=guard, timeouts=timeouts, ehlo_name=ehlo_name, tokens=tokens
+    )
     found = ConnectionCheck(conn.authenticated, isinstance(conn.sock, ssl.SSLSocket))
     close_quietly(conn)
     return found

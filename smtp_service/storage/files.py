@@ -89,6 +89,16 @@ class AccountFiles:
                 _atomic_write(folder, target, result)
             return result
 
+    def lock(self, account_id: str, name: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> FileLock:
+        """A lock of the account's own, shared by every process on this data folder, for work
+        that must not run twice at once (a refresh of an OAuth2 token): `with files.lock(...)`.
+        Its file is `name`.lock beside the documents; it is not a document's lock, so holding
+        it, documents can still be updated. Raises filelock.Timeout after `timeout` seconds."""
+        folder = self.folder(account_id)
+        for path in (self.data_dir, self.root, folder):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        return FileLock(os.path.join(folder, name + ".lock"), timeout=timeout, mode=0o600)
+
     def delete(self, account_id: str, name: str) -> bool:
         """Remove the document; True when there was one. An account without a folder gets
         none (deleting what was never stored creates nothing)."""

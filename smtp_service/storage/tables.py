@@ -130,3 +130,18 @@ send_rate = Table(
     Column("window_start", BigInteger, primary_key=True),
     Column("used", Integer, nullable=False),
 )
+
+# OAuth2 sign-ins begun (POST /api/smtp/oauth/start) and not yet finished: the signed `state`
+# names a row; the callback takes it once (used_at set), before it expires.
+oauth_states = Table(
+    "oauth_states",
+    metadata,
+    Column("state_id", Text, primary_key=True),
+    Column("account_id", Text, nullable=False),
+    Column("request", Text, nullable=False),  # JSON: provider, mailbox, server, who started it
+    Column("verifier", Text, nullable=False),  # the PKCE code_verifier, encrypted for the account
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("used_at", BigInteger),
+)
+Index("oauth_states_by_expiry", oauth_states.c.expires_at)

@@ -111,6 +111,8 @@ def test_healthz_and_openapi_need_no_token(client):
     assert doc["openapi"].startswith("3.")
     assert {"/api/smtp/settings", "/api/smtp/test", "/healthz"} <= set(doc["paths"])
     post = doc["paths"]["/api/smtp/settings"]["post"]
-    body_schema = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-    name = body_schema.rsplit("/", 1)[1]
-    assert set(doc["components"]["schemas"][name]["required"]) == {"host", "port", "user", "pass"}
+    # the password form (the spec's), or OAuth2 app-only client credentials
+    forms = post["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
+    password, oauth = (doc["components"]["schemas"][f["$ref"].rsplit("/", 1)[1]] for f in forms)
+    assert set(password["required"]) == {"host", "port", "user", "pass"}
+    assert {"auth", "provider", "tenantId", "clientId", "clientSecret"} <= set(oauth["required"])

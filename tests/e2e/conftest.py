@@ -253,6 +253,8 @@ def service_environment(
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
             # the default (5 a minute) is tested in tests/e2e/test_rate_limits.py
             "SMTP_TEST_RATE_LIMIT": "10000/minute",
+            # OAuth2 sign-in can start (its URL is only built; no provider is reached)
+            "OAUTH_MICROSOFT_CLIENT_ID": "e2e-application",
             "SSL_CERT_FILE": ca_file,
             "PYTHONUNBUFFERED": "1",
         }

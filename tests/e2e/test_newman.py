@@ -105,6 +105,9 @@ def assert_run_green(run: dict[str, Any], output: str) -> None:
     collection = json.loads(COLLECTION.read_text(encoding="utf-8"))
     assert stats["requests"]["total"] == count_requests(collection["item"]), output
     assert stats["requests"]["failed"] == 0, output
+    # OAuth2 sign-in is configured here: the start request took its 200 branch, not the 503
+    codes = {e["item"]["name"]: e["response"]["code"] for e in run["executions"]}
+    assert codes["POST start a Microsoft sign-in"] == 200
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ from tests.security import (
 )
 from tests.smtpd import SmtpServer
 
+# The OAuth2 callback is reached by the user's browser from the provider: its signed state
+# names the account (tests/api/test_oauth2.py), never a bearer token.
 PUBLIC_RULES = {
     "/healthz",
     "/api/openapi.json",
@@ -46,6 +48,7 @@ PUBLIC_RULES = {
     "/metrics",
     "/api/docs/",
     "/api/docs/<path:path>",
+    "/api/smtp/oauth/callback",
 }
 GLOBAL_USER = "global@example.com"
 GLOBAL_PASSWORD = "global-pass-XYZ"
@@ -387,12 +390,20 @@ def test_public_routes_answer_without_a_token(hs_world):
     assert client.get("/api/openapi.json").json["openapi"].startswith("3.")
     r = client.get("/t/open/not-a-token.gif")
     assert r.status_code == 200 and r.mimetype == "image/gif"
+    r = client.get("/api/smtp/oauth/callback?code=c&state=not-a-state")
+    assert r.status_code == 400 and "invalid, expired" in r.json["error"]
     assert tree_state(hs_world.root) == before
 
 
 def test_openapi_marks_exactly_the_authenticated_routes(hs_world):
     doc = hs_world.client.get("/api/openapi.json").json
-    public_paths = {"/healthz", "/readyz", "/api/openapi.json", "/t/open/{token}.gif"}
+    public_paths = {
+        "/healthz",
+        "/readyz",
+        "/api/openapi.json",
+        "/t/open/{token}.gif",
+        "/api/smtp/oauth/callback",
+    }
     seen = set()
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
