@@ -63,31 +63,35 @@ class VerifiedTokens:
             return
         self._items.put(token, _Entry(dict(claims)))
 
-    def accept(self, token: str) -> None:
+    def accept(self, token: str, header: Mapping[str, Any]) -> None:
         """Mark a kept token as having passed every check of a request (the token type and
-        the claim checks of auth.py, which depend on the token and the configuration only)."""
+        the claim checks of auth.py, which depend on the token and the configuration only),
+        with its decoded header."""
         entry = self._items.get(token)
         if entry is not None:
-            entry.accepted = True
+            entry.header = dict(header)
 
-    def accepted(self, token: str) -> Mapping[str, Any] | None:
-        """The claims (read-only) of an unexpired token that accept() marked; None when the
-        request must be verified the whole way (an expired entry is dropped here)."""
+    def accepted(self, token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+        """(claims, header), read-only, of an unexpired token that accept() marked; None when
+        the request must be verified the whole way (an expired entry is dropped here)."""
         entry = self._live(token)
-        return entry.claims if entry is not None and entry.accepted else None
+        if entry is None or entry.header is None:
+            return None
+        return entry.claims, entry.header
 
     def __len__(self) -> int:
         return len(self._items)
 
 
 class _Entry:
-    """One verified token: its claims, and whether a request with it passed every check."""
+    """One verified token: its claims, and its header once a request with it passed every
+    check (None until then)."""
 
-    __slots__ = ("claims", "accepted")
+    __slots__ = ("claims", "header")
 
     def __init__(self, claims: dict[str, Any]) -> None:
         self.claims = claims
-        self.accepted = False
+        self.header: dict[str, Any] | None = None
 
 
 class CachingJWTManager(JWTManager):

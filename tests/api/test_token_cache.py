@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+from flask_jwt_extended import get_jwt, get_jwt_header
+
 from smtp_service import create_app
+from smtp_service.auth import current_caller
 from smtp_service.tokens import TOKEN_CACHE_KEY, VerifiedTokens
 
 PATH = "/api/smtp/settings"
@@ -107,6 +110,12 @@ def test_a_token_that_passed_every_check_is_not_parsed_again(app, client, tokens
     original = pyjwt.get_unverified_header
     monkeypatch.setattr(pyjwt, "get_unverified_header", lambda t: parsed.append(t) or original(t))
     assert _get(client, token).status_code == 200
+    assert parsed == []
+    # flask-jwt-extended's accessors answer as after its own verification
+    with app.test_request_context(PATH, headers={"Authorization": f"Bearer {token}"}):
+        caller = current_caller()
+        assert get_jwt()["sub"] == caller.user_id and get_jwt()["accountId"] == caller.account_id
+        assert get_jwt_header()["alg"] == "HS256"
     assert parsed == []
     other = tokens.make(account="another-account")  # not seen before: the whole way
     assert _get(client, other).status_code == 200
