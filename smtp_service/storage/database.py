@@ -127,7 +127,7 @@ class Database:
         if self.dialect == "sqlite" and not self.path:
             raise DatabaseError("DATABASE_URL names no SQLite file")
         try:
-            self.engine = self._make_engine(pool_size)
+            self.engine = self._make_engine(pool_size, gate_timeout)
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise DatabaseError(f"DATABASE_URL cannot be used: {type(exc).__name__}") from None
         self._gate = _WriteGate(self.path + ".lock") if self.path else None
@@ -147,7 +147,7 @@ class Database:
         if self._gate is not None:
             self._gate.reset()
 
-    def _make_engine(self, pool_size: int) -> Engine:
+    def _make_engine(self, pool_size: int, gate_timeout: float) -> Engine:
         if self.dialect == "postgresql":
             return sa.create_engine(
                 self.url,
@@ -159,6 +159,7 @@ class Database:
             self.url,
             pool_size=pool_size,
             max_overflow=pool_size,
+            pool_timeout=gate_timeout,  # writers wait for a connection before the gate
             connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
         )
         path = self.path
@@ -202,21 +203,28 @@ class Database:
             yield current
             return
         self._ready()
-        with self._gate.hold(self.gate_timeout) if self._gate else nullcontext():
-            raw = self.engine.raw_connection()
-            try:
-                tx = Transaction(self, raw)
-                self._local.tx = tx
+        # The connection comes from the pool before the gate and goes back after it: the gate
+        # is held for the transaction alone, not for the pool's Python code, which may wait
+        # for the GIL while every other writer of both processes waits for the gate. (A writer
+        # waiting for the gate holds a pooled connection meanwhile; on SQLite the pool's own
+        # wait is bounded by gate_timeout too.)
+        until = time.monotonic() + self.gate_timeout  # the pool's wait counts toward it
+        raw = self.engine.raw_connection()
+        try:
+            with self._gate.hold(self.gate_timeout, until) if self._gate else nullcontext():
                 try:
-                    yield tx
-                finally:
-                    self._local.tx = None
-                raw.commit()
-            except BaseException:
-                raw.rollback()
-                raise
-            finally:
-                raw.close()  # back to the pool
+                    tx = Transaction(self, raw)
+                    self._local.tx = tx
+                    try:
+                        yield tx
+                    finally:
+                        self._local.tx = None
+                    raw.commit()
+                except BaseException:
+                    raw.rollback()
+                    raise
+        finally:
+            raw.close()  # back to the pool
 
     def query(self, statement: Executable, params: Mapping[str, Any] | None = None) -> list[Row]:
         """The rows of one read-only statement, a snapshot by itself (on SQLite outside a
@@ -311,18 +319,22 @@ class _WriteGate:
         self._fd: int | None = None
 
     @contextmanager
-    def hold(self, timeout: float | None = None) -> Iterator[None]:
+    def hold(self, timeout: float | None = None, until: float | None = None) -> Iterator[None]:
         """Hold the gate for the block, waiting for it at most `timeout` seconds (None: as
-        long as it takes, for migrations at start-up); StorageBusy when that passed.
+        long as it takes, for migrations at start-up), or until `until` (time.monotonic()) when
+        given (a wait that began earlier); StorageBusy when that passed.
 
         Within the process the thread lock is handed over at once. flock() cannot wait with a
         limit, so while another process holds it the gate is tried again after a pause that
         starts at 0.1 ms and doubles up to 5 ms (a write holds it for a fraction of that)."""
-        until = None if timeout is None else time.monotonic() + timeout
         if timeout is None:
+            until = None
             self._lock.acquire()
-        elif not self._lock.acquire(timeout=max(timeout, 0.0)):
-            raise StorageBusy(f"no write slot in the message database within {timeout:g} s")
+        else:
+            if until is None:
+                until = time.monotonic() + timeout
+            if not self._lock.acquire(timeout=max(until - time.monotonic(), 0.0)):
+                raise StorageBusy(f"no write slot in the message database within {timeout:g} s")
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
