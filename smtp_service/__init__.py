@@ -20,7 +20,7 @@ from smtp_service.services.analytics import MessageAnalytics
 from smtp_service.services.crypto import KeyConfigError, SecretBox, load_or_create_key_file
 from smtp_service.services.devmailbox import CatcherAddress
 from smtp_service.services.health import CircuitBreaker
-from smtp_service.services.mailer import Mailer, OpenTracker
+from smtp_service.services.mailer import ABANDON_MARGIN_SECONDS, Mailer, OpenTracker
 from smtp_service.services.netguard import HostGuard
 from smtp_service.services.oauth import OAuthService, providers_from_config
 from smtp_service.services.pool import TransportPool
@@ -36,7 +36,7 @@ from smtp_service.services.transport import (
     check_connection,
     connect,
 )
-from smtp_service.storage.database import Database, DatabaseError
+from smtp_service.storage.database import Database, DatabaseError, write_gate_seconds
 from smtp_service.storage.files import AccountFiles
 from smtp_service.storage.health import HealthStore
 from smtp_service.storage.idempotency import IdempotencyStore
@@ -89,7 +89,11 @@ class Services:
             secret=hashlib.sha256(b"smtp-service sender confirmation:" + keys[0].encode()).digest(),
         )
         try:
-            self.database = Database(config["DATABASE_URL"], pool_size=config["DATABASE_POOL_SIZE"])
+            self.database = Database(
+                config["DATABASE_URL"],
+                pool_size=config["DATABASE_POOL_SIZE"],
+                gate_timeout=write_gate_seconds(config["SMTP_DEADLINE"], ABANDON_MARGIN_SECONDS),
+            )
             self.database.migrate()
         except DatabaseError as exc:
             raise ConfigError(str(exc)) from None

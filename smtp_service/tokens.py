@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -39,28 +39,59 @@ class VerifiedTokens:
         self.size = size
         self.leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
         self._clock = clock
-        self._items: LRUCache[str, dict[str, Any]] = LRUCache(size)
+        self._items: LRUCache[str, _Entry] = LRUCache(size)
+
+    def _live(self, token: str) -> _Entry | None:
+        entry = self._items.get(token)
+        if entry is None:
+            return None
+        # int() as PyJWT does: a fractional exp must not buy the cached token extra time.
+        if int(entry.claims["exp"]) <= self._clock() - self.leeway:
+            self._items.discard(token)
+            return None
+        return entry
 
     def get(self, token: str) -> dict[str, Any] | None:
         """The claims of a verified, unexpired token; None when it must be verified again."""
-        claims = self._items.get(token)
-        if claims is None:
-            return None
-        # int() as PyJWT does: a fractional exp must not buy the cached token extra time.
-        if int(claims["exp"]) <= self._clock() - self.leeway:
-            self._items.discard(token)
-            return None
-        return dict(claims)
+        entry = self._live(token)
+        return None if entry is None else dict(entry.claims)
 
     def put(self, token: str, claims: dict[str, Any]) -> None:
         """Remember a verified token; only tokens with a numeric exp are kept."""
         exp = claims.get("exp")
         if isinstance(exp, bool) or not isinstance(exp, (int, float)):
             return
-        self._items.put(token, dict(claims))
+        self._items.put(token, _Entry(dict(claims)))
+
+    def accept(self, token: str, header: Mapping[str, Any]) -> None:
+        """Mark a kept token as having passed every check of a request (the token type and
+        the claim checks of auth.py, which depend on the token and the configuration only),
+        with its decoded header."""
+        entry = self._items.get(token)
+        if entry is not None:
+            entry.header = dict(header)
+
+    def accepted(self, token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+        """(claims, header), read-only, of an unexpired token that accept() marked; None when
+        the request must be verified the whole way (an expired entry is dropped here)."""
+        entry = self._live(token)
+        if entry is None or entry.header is None:
+            return None
+        return entry.claims, entry.header
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class _Entry:
+    """One verified token: its claims, and its header once a request with it passed every
+    check (None until then)."""
+
+    __slots__ = ("claims", "header")
+
+    def __init__(self, claims: dict[str, Any]) -> None:
+        self.claims = claims
+        self.header: dict[str, Any] | None = None
 
 
 class CachingJWTManager(JWTManager):

@@ -82,14 +82,39 @@ def smtp_factory(server_tls) -> Iterator[Any]:
         server.stop()
 
 
+# The two ways a client may send its commands (RFC 2920). In a module marked
+# `pytestmark = pytest.mark.both_pipelining_modes`, every test that uses `servers` (or `server`)
+# runs twice: against servers without PIPELINING, then with it.
+PIPELINING_MODES = ("one command at a time", "pipelined")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the tests marked both_pipelining_modes that use `servers` in each PIPELINING_MODE."""
+    if "servers" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_pipelining_modes"
+    ):
+        metafunc.parametrize("servers", PIPELINING_MODES, indirect=True)
+
+
 @pytest.fixture
-def servers(server_tls) -> Iterator[Any]:
-    """Fault-injecting servers on demand (tests/smtpd_faults.py); all stopped at the end."""
+def servers(server_tls, request) -> Iterator[Any]:
+    """Fault-injecting servers on demand (tests/smtpd_faults.py); all stopped at the end.
+    Parametrized indirectly with one of PIPELINING_MODES, they offer PIPELINING or not."""
     from tests.smtpd_faults import FaultyServers
 
     made = FaultyServers(server_tls, {SMTP_USER: SMTP_PASSWORD})
+    mode = getattr(request, "param", None)
+    if mode is not None:
+        assert mode in PIPELINING_MODES, mode
+        made.pipelining = mode == "pipelined"
     yield made
     made.stop_all()
+
+
+@pytest.fixture
+def server(servers) -> Any:
+    """One fault-injecting server made by `servers` with its defaults (a FaultyServer)."""
+    return servers()
 
 
 @pytest.fixture

@@ -153,10 +153,10 @@ class SmtpServer:
             kwargs.update(tls_context=server_context, require_starttls=True)
         elif mode == "implicit":
             kwargs.update(ssl_context=server_context)
-        self.controller = Controller(
+        self.controller = _Controller(
             self.handler,
             hostname=hostname,
-            port=port or _free_port(hostname),
+            port=port,
             server_hostname="localhost",
             **kwargs,
         )
@@ -192,10 +192,14 @@ class SmtpServer:
         self.controller.stop()
 
 
-def _free_port(hostname: str = "127.0.0.1") -> int:
-    import socket
+class _Controller(Controller):
+    """aiosmtpd's Controller that may listen on port 0: the system picks a free port when the
+    server binds, read back here. (Picking a free port first and binding it later let another
+    process take it in between: EADDRINUSE under load.)"""
 
-    family = socket.AF_INET6 if ":" in hostname else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((hostname, 0))
-        return sock.getsockname()[1]
+    def _trigger_server(self) -> None:
+        # Called by start() once the server listens, before anything connects to self.port.
+        if self.port == 0:
+            assert self.server is not None
+            self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()

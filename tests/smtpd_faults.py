@@ -6,6 +6,7 @@ time out at a chosen point, and record what they actually accepted.
     server.fault("mail", "421 4.3.2 Shutting down")    # a 421 reply also closes the connection
     server.fault("connect", "close", every=5)          # drop one connection in five
     server.idle_timeout(0.3, reply="421 4.4.2 idle timeout")
+    server.time_out_idle(reply="421 4.4.2 idle timeout")  # now, for the connections open
 
 Faults can be set, changed and cleared while the server runs; each applies from the next time its
 stage is reached. A stage is "connect" (instead of the greeting), "content" (after the message
@@ -292,6 +293,17 @@ class FaultyServer(SmtpServer):
         `reply` when given; None restores aiosmtpd's 300 s."""
         self.idle_seconds = seconds
         self.idle_reply = reply
+
+    def time_out_idle(self, reply: str | None = None) -> None:
+        """Do now what an idle timeout does to every open connection: send `reply` (when
+        given), then hang up. A test that needs the server to drop an idle connection calls
+        this once the connection is idle, instead of arming a short timer that a loaded machine
+        can also trip between two commands of a transaction."""
+        with self._lock:
+            live = list(self._live)
+            self.idle_reply = reply
+        for session in live:
+            self.controller.loop.call_soon_threadsafe(session._timeout_cb)
 
     @property
     def unanswered(self) -> list[Received]:

@@ -233,17 +233,34 @@ class BoundedSMTP(smtplib.SMTP):
 
     def read_reply(self, seconds: float) -> tuple[int, bytes]:
         """One reply, read within `seconds` and the deadline: (code, its lines' texts joined by
-        LF), code -1 when a line does not start with one (as smtplib does).
+        LF), code -1 when a line does not start with one (as smtplib does). The `seconds` count
+        from the first wait for data: a reply already received costs no clock reading.
 
         Raises DeadlinePassed (the time ran out), SMTPServerDisconnected (the server hung up)
         or ReplyTooLong; the connection is closed first."""
-        until = time.monotonic() + seconds
-        if self.deadline is not None:
-            until = min(until, self.deadline)
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("Not connected")
+        if self._buffer_of is not sock:  # a new socket (TLS started): nothing before it counts
+            self._buffer.clear()
+            self._buffer_of = sock
+        buffer = self._buffer
+        until: float | None = None  # when the reply must be complete; set at the first wait
         texts: list[bytes] = []
         size = 0
+        start = 0  # where the next line begins in the buffer
         while True:
-            line = self._read_line(until)
+            end = buffer.find(b"\n", start, start + MAX_REPLY_LINE)
+            if end < 0:  # no complete line: keep what is left, wait for more
+                del buffer[:start]
+                start = 0
+                if len(buffer) >= MAX_REPLY_LINE:
+                    self.close()
+                    raise ReplyTooLong(f"reply line longer than {MAX_REPLY_LINE} bytes")
+                until = self._receive(sock, seconds, until)
+                continue
+            line = bytes(buffer[start : end + 1])
+            start = end + 1
             size += len(line)
             if len(texts) >= MAX_REPLY_LINES or size > MAX_REPLY_BYTES:
                 self.close()
@@ -253,54 +270,66 @@ class BoundedSMTP(smtplib.SMTP):
             texts.append(line[4:].strip(b" \t\r\n"))
             try:
                 code = int(line[:3])
-            except ValueError:
+            except ValueError:  # as smtplib: a line without a code ends the reply
+                del buffer[:start]
                 return -1, b"\n".join(texts)
             if line[3:4] != b"-":
+                del buffer[:start]
                 return code, b"\n".join(texts)
 
-    def _read_line(self, until: float) -> bytes:
-        sock = self.sock
-        if sock is None:
-            raise smtplib.SMTPServerDisconnected("Not connected")
-        if self._buffer_of is not sock:  # a new socket (TLS started): nothing before it counts
-            self._buffer.clear()
-            self._buffer_of = sock
-        buffer = self._buffer
-        while True:
-            end = buffer.find(b"\n", 0, MAX_REPLY_LINE)
-            if end >= 0:
-                line = bytes(buffer[: end + 1])
-                del buffer[: end + 1]
-                return line
-            if len(buffer) >= MAX_REPLY_LINE:
-                self.close()
-                raise ReplyTooLong(f"reply line longer than {MAX_REPLY_LINE} bytes")
+    def _receive(self, sock: socket.socket, seconds: float, until: float | None) -> float:
+        """Append what the server sends next to the buffer, waiting until `until` (None: this
+        is the reply's first wait, which may take `seconds`, or what is left of the deadline);
+        returns `until`.
+
+        The socket's timeout is changed only when it is longer than the time left: setting it
+        is a system call (ioctl), made with the GIL released, and costs the other threads of a
+        worker a hand-over of the GIL. A shorter one that runs out is not the reply's timeout:
+        the wait goes on, with exactly the time left."""
+        now = time.monotonic()
+        if until is None:
+            left = seconds
+            if self.deadline is not None and self.deadline - now < seconds:
+                left = self.deadline - now
+            until = now + left
+        else:
+            left = until - now
+        if left <= 0:
+            self.close()
+            raise DeadlinePassed("no complete reply in time")
+        current = sock.gettimeout()
+        if current is None or current > left:
+            sock.settimeout(left)
+        try:
+            chunk = sock.recv(_RECV_SIZE)
+        except TimeoutError:
             left = until - time.monotonic()
             if left <= 0:
                 self.close()
-                raise DeadlinePassed("no complete reply in time")
-            try:
-                sock.settimeout(left)
-                chunk = sock.recv(_RECV_SIZE)
-            except TimeoutError:
-                self.close()
                 raise DeadlinePassed("no complete reply in time") from None
-            except OSError as exc:
-                self.close()
-                raise smtplib.SMTPServerDisconnected(f"Connection lost: {exc}") from None
-            if not chunk:
-                self.close()
-                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-            buffer += chunk
+            sock.settimeout(left)  # the socket's timeout was the shorter one: wait the rest
+            return until
+        except OSError as exc:
+            self.close()
+            raise smtplib.SMTPServerDisconnected(f"Connection lost: {exc}") from None
+        if not chunk:
+            self.close()
+            raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+        self._buffer += chunk
+        return until
 
     def send(self, s: str | bytes | memoryview) -> None:
-        """smtplib's send, within the command timeout and the deadline."""
-        if self.sock is not None:
+        """smtplib's send, within the command timeout and the deadline (the socket's timeout is
+        set only when it differs: see _receive)."""
+        sock = self.sock
+        if sock is not None:
             try:
-                self.sock.settimeout(self.budget(self.timeouts.command))
+                seconds = self.budget(self.timeouts.command)
             except DeadlinePassed:
                 self.close()
                 raise
+            if sock.gettimeout() != seconds:
+                sock.settimeout(seconds)
         super().send(s)
 
     def send_content(self, data: bytes) -> None:

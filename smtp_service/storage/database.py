@@ -22,6 +22,7 @@ from sqlalchemy.sql.expression import Executable
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+DEFAULT_GATE_SECONDS = 9.0  # write_gate_seconds(150, 30): create_app passes the configured one
 MIGRATIONS = Path(__file__).with_name("migrations")
 # pg_advisory_xact_lock key: one migrator at a time across every instance of one database.
 _MIGRATION_LOCK_KEY = 0x736D7470  # "smtp"
@@ -62,6 +63,25 @@ class DatabaseError(Exception):
     """The database cannot be used as configured (a bad URL, an unknown driver); one line."""
 
 
+class StorageBusy(Exception):
+    """A write could not have the SQLite write gate within its bound (another writer, in this
+    process or another, held it all that time); nothing was written. The text holds no data."""
+
+
+def write_gate_seconds(deadline_seconds: float, takeover_margin_seconds: float) -> float:
+    """How long a write may wait for the SQLite write gate (Database's `gate_timeout`).
+
+    A send makes at most two writes (its idempotency claim, then its record), each of which may
+    wait for the gate and then for SQLite's busy timeout (writers outside the service), and it
+    must have made them before its claim may be taken over, `deadline_seconds`
+    (SMTP_DEADLINE) plus `takeover_margin_seconds` after the claim: the two writes share that
+    margin, less 2 s for building the message, and none waits longer than a whole send may
+    take. With SMTP_DEADLINE 150 s and the margin of 30 s: 9 s. Seconds, at least 0.1.
+    """
+    share = (takeover_margin_seconds - 2 * BUSY_TIMEOUT_MS / 1000 - 2.0) / 2
+    return max(0.1, min(deadline_seconds, share))
+
+
 def storable(text: str) -> bool:
     """False for text no supported database can hold (PostgreSQL refuses NUL in text): no row
     is keyed by it, so a look-up by it finds nothing instead of failing."""
@@ -78,15 +98,21 @@ class Database:
 
     SQLite: every connection runs in WAL mode with a 5 s busy timeout; writes take the write
     lock up front (BEGIN IMMEDIATE) after a write gate (a thread lock and a flock() on
-    `<file>.lock`) so that writers queue instead of meeting SQLite's polling busy handler. The
-    file and its -wal, -shm and .lock companions are made private (0600).
+    `<file>.lock`) so that writers queue instead of meeting SQLite's polling busy handler; a
+    write waits for the gate at most `gate_timeout` seconds (write_gate_seconds()), then raises
+    StorageBusy. The file and its -wal, -shm and .lock companions are made private (0600).
     PostgreSQL: READ COMMITTED transactions; the stores use row locks and ON CONFLICT.
     After a fork the child drops the parent's pooled connections without closing them (the
     SQLAlchemy recipe), and opens its own on first use.
     """
 
     def __init__(
-        self, url: str, *, pool_size: int = 10, clock: Callable[[], float] = time.time
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        clock: Callable[[], float] = time.time,
+        gate_timeout: float = DEFAULT_GATE_SECONDS,
     ) -> None:
         try:
             parsed = make_url(url)
@@ -101,10 +127,11 @@ class Database:
         if self.dialect == "sqlite" and not self.path:
             raise DatabaseError("DATABASE_URL names no SQLite file")
         try:
-            self.engine = self._make_engine(pool_size)
+            self.engine = self._make_engine(pool_size, gate_timeout)
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise DatabaseError(f"DATABASE_URL cannot be used: {type(exc).__name__}") from None
         self._gate = _WriteGate(self.path + ".lock") if self.path else None
+        self.gate_timeout = gate_timeout  # seconds a write() waits for the gate (SQLite)
         self._migrated = False
         self._migrate_lock = threading.Lock()
         self._local = threading.local()  # the thread's open write transaction, if any
@@ -120,7 +147,7 @@ class Database:
         if self._gate is not None:
             self._gate.reset()
 
-    def _make_engine(self, pool_size: int) -> Engine:
+    def _make_engine(self, pool_size: int, gate_timeout: float) -> Engine:
         if self.dialect == "postgresql":
             return sa.create_engine(
                 self.url,
@@ -132,6 +159,7 @@ class Database:
             self.url,
             pool_size=pool_size,
             max_overflow=pool_size,
+            pool_timeout=gate_timeout,  # writers wait for a connection before the gate
             connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
         )
         path = self.path
@@ -167,28 +195,36 @@ class Database:
         """A write transaction, committed when the block ends and rolled back if it raises.
 
         Nested in another write() of the same thread, it is part of that one: several stores'
-        writes then commit or roll back together.
+        writes then commit or roll back together. On SQLite, raises StorageBusy (nothing
+        written) when the write gate could not be had within `gate_timeout` seconds.
         """
         current: Transaction | None = getattr(self._local, "tx", None)
         if current is not None:
             yield current
             return
         self._ready()
-        with self._gate.hold() if self._gate else nullcontext():
-            raw = self.engine.raw_connection()
-            try:
-                tx = Transaction(self, raw)
-                self._local.tx = tx
+        # The connection comes from the pool before the gate and goes back after it: the gate
+        # is held for the transaction alone, not for the pool's Python code, which may wait
+        # for the GIL while every other writer of both processes waits for the gate. (A writer
+        # waiting for the gate holds a pooled connection meanwhile; on SQLite the pool's own
+        # wait is bounded by gate_timeout too.)
+        until = time.monotonic() + self.gate_timeout  # the pool's wait counts toward it
+        raw = self.engine.raw_connection()
+        try:
+            with self._gate.hold(self.gate_timeout, until) if self._gate else nullcontext():
                 try:
-                    yield tx
-                finally:
-                    self._local.tx = None
-                raw.commit()
-            except BaseException:
-                raw.rollback()
-                raise
-            finally:
-                raw.close()  # back to the pool
+                    tx = Transaction(self, raw)
+                    self._local.tx = tx
+                    try:
+                        yield tx
+                    finally:
+                        self._local.tx = None
+                    raw.commit()
+                except BaseException:
+                    raw.rollback()
+                    raise
+        finally:
+            raw.close()  # back to the pool
 
     def query(self, statement: Executable, params: Mapping[str, Any] | None = None) -> list[Row]:
         """The rows of one read-only statement, a snapshot by itself (on SQLite outside a
@@ -277,8 +313,8 @@ class Database:
 
 
 class _WriteGate:
-    """One SQLite writer at a time across the threads and processes of one file, handed over at
-    once: a thread lock, then a blocking flock() on `<database>.lock`.
+    """One SQLite writer at a time across the threads and processes of one file: a thread lock,
+    handed over at once, then a flock() on `<database>.lock`; hold() may wait with a limit.
 
     Without it, concurrent writers meet in SQLite's busy handler, which polls with sleeps of up
     to 100 ms; with 32 writers in two processes that added hundreds of milliseconds to some
@@ -295,17 +331,52 @@ class _WriteGate:
         self._fd: int | None = None
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Hold the gate for the block."""
-        with self._lock:
+    def hold(self, timeout: float | None = None, until: float | None = None) -> Iterator[None]:
+        """Hold the gate for the block, waiting for it at most `timeout` seconds (None: as
+        long as it takes, for migrations at start-up), or until `until` (time.monotonic()) when
+        given (a wait that began earlier); StorageBusy when that passed.
+
+        Within the process the thread lock is handed over at once. flock() cannot wait with a
+        limit, so while another process holds it the gate is tried again after a pause that
+        starts at 0.1 ms and doubles up to 5 ms (a write holds it for a fraction of that)."""
+        if timeout is None:
+            until = None
+            self._lock.acquire()
+        else:
+            if until is None:
+                until = time.monotonic() + timeout
+            if not self._lock.acquire(timeout=max(until - time.monotonic(), 0.0)):
+                raise StorageBusy(f"no write slot in the message database within {timeout:g} s")
+        try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 weakref.finalize(self, os.close, self._fd)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if until is None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            else:
+                _flock_until(self._fd, until, timeout)
             try:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+
+def _flock_until(fd: int, until: float, timeout: float) -> None:
+    """flock(LOCK_EX) on `fd` by `until` (time.monotonic()), else StorageBusy."""
+    pause = 0.0001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        left = until - time.monotonic()
+        if left <= 0:
+            raise StorageBusy(f"no write slot in the message database within {timeout:g} s")
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.005)
 
 
 # os.register_at_fork cannot be undone, so one hook serves every live Database.

@@ -10,19 +10,15 @@ import time
 import pytest
 
 from tests.conftest import SMTP_PASSWORD, SMTP_USER, settings_body
-from tests.smtpd_faults import FaultyServer, bad_tls_context
+from tests.smtpd_faults import bad_tls_context
+
+# Every test here runs against servers without and with PIPELINING (RFC 2920).
+pytestmark = pytest.mark.both_pipelining_modes
 
 TIMEOUT = 1.5  # SMTP_TIMEOUT for these tests: connecting, and each command's reply
 FINAL_REPLY = 2.5  # SMTP_FINAL_REPLY_TIMEOUT: the reply to the final dot
 BOUND = FINAL_REPLY + TIMEOUT + 0.5  # an answer must come within this, whatever the server does
 RCPT = "rcpt@example.net"
-
-
-@pytest.fixture(params=["one command at a time", "pipelined"])
-def servers(servers, request):
-    """Every test here runs against servers without and with PIPELINING (RFC 2920)."""
-    servers.pipelining = request.param == "pipelined"
-    return servers
 
 
 @pytest.fixture
@@ -32,11 +28,6 @@ def app_config(app_config, servers):
     after the app's pool has QUIT its connections."""
     return {**app_config, "SMTP_TIMEOUT": str(TIMEOUT),
             "SMTP_FINAL_REPLY_TIMEOUT": str(FINAL_REPLY), "SMTP_POOL_WAIT_SECONDS": "1"}
-
-
-@pytest.fixture
-def server(servers) -> FaultyServer:
-    return servers()
 
 
 def _use(client, tokens, server, **overrides):
@@ -197,11 +188,12 @@ def test_no_starttls_is_502_unless_tls_is_not_required(client, tokens, servers):
 @pytest.mark.parametrize("reply", [None, "421 4.4.2 idle timeout"], ids=["silent", "421"])
 def test_idle_connection_dropped_by_the_server_is_replaced(app, client, tokens, server, reply):
     _use(client, tokens, server)
-    server.idle_timeout(0.3, reply)
     first, _ = _send(client, tokens)
     assert first.status_code == 200, first.json
+    assert server.active == 1  # the pooled connection, idle now
+    server.time_out_idle(reply)  # the server's idle timeout, fired now rather than on a timer
     assert server.wait_until(lambda: server.active == 0)  # the pooled connection was dropped
-    server.idle_timeout(None)
+    assert server.commands.count((1, "IDLE-TIMEOUT")) == 1
     second, elapsed = _send(client, tokens)
     assert second.status_code == 200, second.json
     assert elapsed < BOUND

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+from flask_jwt_extended import get_jwt, get_jwt_header
+
 from smtp_service import create_app
+from smtp_service.auth import current_caller
 from smtp_service.tokens import TOKEN_CACHE_KEY, VerifiedTokens
 
 PATH = "/api/smtp/settings"
@@ -92,3 +95,45 @@ def test_size_zero_turns_the_cache_off(app_config, tokens):
     token = tokens.make()
     assert _get(app.test_client(), token).status_code == 200
     assert len(app.extensions[TOKEN_CACHE_KEY]) == 0
+
+
+def test_a_token_that_passed_every_check_is_not_parsed_again(app, client, tokens, monkeypatch):
+    """The second request with a token that passed flask-jwt-extended's checks does not decode
+    its header again (PyJWT's get_unverified_header ran on every request before)."""
+    import jwt as pyjwt
+
+    cache = app.extensions[TOKEN_CACHE_KEY]
+    token = tokens.make()
+    assert _get(client, token).status_code == 200
+    assert cache.accepted(token) is not None
+    parsed = []
+    original = pyjwt.get_unverified_header
+    monkeypatch.setattr(pyjwt, "get_unverified_header", lambda t: parsed.append(t) or original(t))
+    assert _get(client, token).status_code == 200
+    assert parsed == []
+    # flask-jwt-extended's accessors answer as after its own verification
+    with app.test_request_context(PATH, headers={"Authorization": f"Bearer {token}"}):
+        caller = current_caller()
+        assert get_jwt()["sub"] == caller.user_id and get_jwt()["accountId"] == caller.account_id
+        assert get_jwt_header()["alg"] == "HS256"
+    assert parsed == []
+    other = tokens.make(account="another-account")  # not seen before: the whole way
+    assert _get(client, other).status_code == 200
+    assert parsed and set(parsed) == {other}
+
+
+def test_an_accepted_token_in_another_header_form_goes_the_whole_way(app, client, tokens):
+    token = tokens.make()
+    assert _get(client, token).status_code == 200
+    assert app.extensions[TOKEN_CACHE_KEY].accepted(token) is not None
+    for header in (f"bearer {token}", f"Basic {token}", f"Bearer {token} {token}", token):
+        r = client.get(PATH, headers={"Authorization": header})
+        assert r.status_code == 401, header
+    assert _get(client, token).status_code == 200
+
+
+def test_a_token_refused_by_the_claim_checks_is_never_accepted(app, client, tokens):
+    token = tokens.make(account=None)
+    assert _get(client, token).status_code == 401
+    assert app.extensions[TOKEN_CACHE_KEY].get(token) is not None  # the signature was good
+    assert app.extensions[TOKEN_CACHE_KEY].accepted(token) is None

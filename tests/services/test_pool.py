@@ -17,22 +17,13 @@ from smtp_service.services.transport import Secret, SmtpEndpoint, connect
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.smtpd_faults import FaultyServer
 
+# Every test here runs against servers without and with PIPELINING (RFC 2920).
+pytestmark = pytest.mark.both_pipelining_modes
+
 TIMEOUT = 1.0  # the pool's SMTP timeout: connect and each read/write
 GUARD = HostGuard(("127.0.0.1/32", "localhost"))
 KEY = "acct-a"  # the account the pool keeps connections for
 _serial = itertools.count(1)
-
-
-@pytest.fixture(params=["one command at a time", "pipelined"])
-def servers(servers, request):
-    """Every test here runs against servers without and with PIPELINING (RFC 2920)."""
-    servers.pipelining = request.param == "pipelined"
-    return servers
-
-
-@pytest.fixture
-def server(servers) -> FaultyServer:
-    return servers()
 
 
 @pytest.fixture

@@ -18,22 +18,13 @@ from smtp_service.storage.refusals import RefusalBoard
 from tests.conftest import SMTP_PASSWORD, SMTP_USER, settings_body
 from tests.smtpd_faults import FaultyServer
 
+# Every test here runs against servers without and with PIPELINING (RFC 2920).
+pytestmark = pytest.mark.both_pipelining_modes
+
 TIMEOUT = 1.0  # every SMTP stage
 GUARD = HostGuard(("127.0.0.1/32", "localhost"))
 KEY = "acct-a"
 _serial = itertools.count(1)
-
-
-@pytest.fixture(params=["one command at a time", "pipelined"])
-def servers(servers, request):
-    """Every test here runs against servers without and with PIPELINING (RFC 2920)."""
-    servers.pipelining = request.param == "pipelined"
-    return servers
-
-
-@pytest.fixture
-def server(servers) -> FaultyServer:
-    return servers()
 
 
 @pytest.fixture

@@ -25,21 +25,15 @@ from smtp_service.services.transport import Secret, SmtpEndpoint, connect
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.smtpd_faults import FaultyServer
 
+# Every test here runs against servers without and with PIPELINING (RFC 2920).
+pytestmark = pytest.mark.both_pipelining_modes
+
 TIMEOUT = 1.0  # the SMTP timeout: connect and each read/write
+# For a test that does not wait for a timeout: a loaded machine can take more than TIMEOUT to
+# answer the greeting, STARTTLS or AUTH.
+PATIENT = 30.0
 GUARD = HostGuard(("127.0.0.1/32", "localhost"))
 _serial = itertools.count(1)
-
-
-@pytest.fixture(params=["one command at a time", "pipelined"])
-def servers(servers, request):
-    """Every test here runs against servers without and with PIPELINING (RFC 2920)."""
-    servers.pipelining = request.param == "pipelined"
-    return servers
-
-
-@pytest.fixture
-def server(servers) -> FaultyServer:
-    return servers()
 
 
 @pytest.fixture
@@ -48,9 +42,9 @@ def open_session(servers):
     (asking for `servers` sets them up first, so they are torn down after)."""
     made: list[Session] = []
 
-    def _open(server: FaultyServer, **kwargs) -> Session:
+    def _open(server: FaultyServer, *, timeout: float = TIMEOUT, **kwargs) -> Session:
         endpoint = SmtpEndpoint("localhost", server.port, False, SMTP_USER, Secret(SMTP_PASSWORD))
-        session = Session(connect(endpoint, timeout=TIMEOUT, guard=GUARD), endpoint, **kwargs)
+        session = Session(connect(endpoint, timeout=timeout, guard=GUARD), endpoint, **kwargs)
         made.append(session)
         return session
 
@@ -85,8 +79,10 @@ def test_a_session_carries_one_transaction_after_another(open_session, server):
 
 def test_pipelining_false_sends_one_command_at_a_time(open_session, servers):
     server = servers(pipelining=True)
-    session = open_session(server, pipelining=False)
-    session.transact(envelope())
+    session = open_session(server, pipelining=False, timeout=PATIENT)
+    assert session.smtp.has_extn("pipelining")  # offered, and not used
+    delivery = session.transact(envelope("a@example.net", "b@example.net"))
+    assert delivery.accepted == ("a@example.net", "b@example.net")
     assert server.handler.batched == [False]
 
 
