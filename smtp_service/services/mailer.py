@@ -261,7 +261,9 @@ class Mailer:
             return None
         allowed = {self.global_from.lower()} if self.global_from else set()
         rates = limiter.default if limiter else ()
-        return Route("global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size, rates)
+        return Route(
+            "global", g, GLOBAL_KEY, frozenset(allowed), self.global_pool_size, rates=rates
+        )
 
     # -- the request -----------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SMTP_USER, settings_body
-from tests.smtpd import _free_port
+from tests.e2e.conftest import free_port as _free_port
 
 SEND = "/api/messages/send-email"
 STATS = "/api/messages/stats"

@@ -15,7 +15,7 @@ import pytest
 
 from smtp_service import create_app
 from tests.conftest import SMTP_PASSWORD, SMTP_USER, settings_body
-from tests.smtpd import _free_port
+from tests.e2e.conftest import free_port as _free_port
 
 RCPT = "rcpt@example.net"
 CIRCUIT_FAILURES = 3
