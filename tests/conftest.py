@@ -14,6 +14,7 @@ import trustme
 
 from smtp_service import create_app
 from smtp_service.services.crypto import new_key
+from smtp_service.storage import database as database_module
 from tests.smtpd import SmtpServer
 
 pytest_plugins = ["tests.log_guard", "tests.databases", "tests.redis_store"]
@@ -37,6 +38,16 @@ SPEC_EXAMPLE_VIEW = {
 def ca() -> trustme.CA:
     """A private CA; the process trusts it through SSL_CERT_FILE, as a deployment would."""
     return trustme.CA()
+
+
+@pytest.fixture(autouse=True)
+def _close_database_connections() -> Iterator[None]:
+    """After each test, close the pooled connections of every message database still alive
+    (the next use opens new ones): apps a test made are collected late, and PostgreSQL takes
+    100 connections in all (each app keeps up to DATABASE_POOL_SIZE of them)."""
+    yield
+    for db in list(database_module._live):
+        db.dispose()
 
 
 @pytest.fixture(scope="session", autouse=True)
