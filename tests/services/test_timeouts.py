@@ -146,7 +146,9 @@ def test_smtp_deadline_bounds_a_send(app_config, tokens, servers):
         started = time.monotonic()
         r = client.post("/api/messages/send-email", headers=tokens.headers(), json={
             "from": SMTP_USER, "to": "rcpt@example.net", "subject": "s", "text": "t"})
-        assert time.monotonic() - started < 2.5
+        # Without the deadline the send would take about 2.2 s and succeed (200): the 502 with
+        # "timeout" below is the proof; the time bound only catches a send that hangs on.
+        assert time.monotonic() - started < 4.5
         assert r.status_code == 502, r.json
         assert r.json["category"] == "timeout" and r.json["temporary"] is True
         assert "uncertain" not in r.json
